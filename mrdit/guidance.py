@@ -1,0 +1,56 @@
+"""Classifier-free guidance as a closure around the model.
+
+Convention: eps = eps_u + w (eps_c - eps_u). w = 1 is no guidance. The release's "scale 0.4"
+(eps_c + 0.4 (eps_c - eps_u)) is w = 1.4 here. Conditional and unconditional passes are batched into
+one forward; the null label comes from the model's config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+GUIDANCE_SCHEDULES = ("constant", "power-cosine")
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]
+
+
+def power_cosine_weight(n: float, num_steps: int, w_max: float, power: float) -> float:
+    """The release's schedule: s = (1 - cos(pi (1 - n/N)^p)) / 2, w = 1 + (w_max - 1) s.
+
+    w rises from 1 at the noisiest step (n = N) to w_max at the end (n = 0).
+    """
+    s = (1 - math.cos(math.pi * (1 - n / num_steps) ** power)) / 2
+    return 1 + (w_max - 1) * s
+
+
+def guidance_weight_fn(guidance: float, schedule: str, power: float, num_steps: int) -> Callable[[float], float]:
+    if schedule == "constant":
+        return lambda n: guidance
+    if schedule == "power-cosine":
+        return lambda n: power_cosine_weight(n, num_steps, guidance, power)
+    raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
+
+
+def guided_denoiser(
+    model: torch.nn.Module, labels: torch.Tensor, weight: Callable[[float], float], null_label: int
+) -> Denoiser:
+    """A function (x, n) -> per-branch guided noise predictions, n a DDPM step shared by the batch."""
+    null = torch.full_like(labels, null_label)
+    both = torch.cat([labels, null])  # (2B,)
+
+    def denoise(x: torch.Tensor, n: torch.Tensor) -> list[torch.Tensor]:
+        t = n.reshape(1).to(x.device, torch.float32)  # one shared step: TD parameters computed once
+        w = weight(float(n))
+        if w == 1.0:
+            return model(x, t, labels)  # K x (B, C, g_k, g_k)
+        outs = model(torch.cat([x, x]), t, both)  # K x (2B, C, g_k, g_k)
+        guided = []
+        for o in outs:
+            cond, uncond = o.chunk(2)  # (B, C, g_k, g_k) each
+            guided.append(uncond + w * (cond - uncond))
+        return guided
+
+    return denoise
