@@ -1,0 +1,128 @@
+"""Training data: in-memory tensor datasets (the prepared emoji shards, encoded latents) and a plain
+image folder. Every dataset answers `batch(indices, flips)` with model-ready float tensors, so the
+training loop can fetch by index from a deterministic order (and resume mid-epoch exactly).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+class TensorImageDataset:
+    """uint8 NHWC images in memory, scaled to [-1, 1]. `flip_ok[label]` says whether flips suit a class."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str], flip_ok: list[bool] | None = None) -> None:
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.long()
+        self.class_names = class_names
+        self.flip_ok = torch.tensor(flip_ok if flip_ok is not None else [True] * len(class_names))
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[1]
+
+    def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[indices].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+        y = self.labels[indices]
+        if flips is not None:
+            flip = flips & self.flip_ok[y]
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, y
+
+
+def load_emoji(folder: str | Path, split: str, size: int) -> TensorImageDataset:
+    """A split of the prepared emoji set (see train/prepare_emoji.py)."""
+    folder = Path(folder)
+    meta = json.loads((folder / "classes.json").read_text())
+    shard = load_file(str(folder / f"{split}.safetensors"))
+    key = f"images_{size}"
+    if key not in shard:
+        raise ValueError(f"{folder}/{split}.safetensors has no {size}px images (sizes: {meta.get('sizes')})")
+    return TensorImageDataset(shard[key], shard["labels"], [c["name"] for c in meta["classes"]], [c["flip"] for c in meta["classes"]])
+
+
+class ImageFolderDataset:
+    """`root/<class name>/*.png|jpg...`: classes sorted by folder name; images centre-cropped and resized."""
+
+    def __init__(self, root: str | Path, size: int) -> None:
+        self.root = Path(root)
+        self.size = size
+        self.class_names = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        if not self.class_names:
+            raise ValueError(f"{self.root}: no class folders")
+        self.files: list[tuple[Path, int]] = [
+            (f, i) for i, c in enumerate(self.class_names) for f in sorted((self.root / c).rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not self.files:
+            raise ValueError(f"{self.root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.flip_ok = torch.ones(len(self.class_names), dtype=torch.bool)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def image_size(self) -> int:
+        return self.size
+
+    def load(self, i: int) -> torch.Tensor:
+        return center_crop_tensor(Image.open(self.files[i][0]), self.size)
+
+    def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.stack([self.load(int(i)) for i in indices])  # (B, 3, S, S)
+        y = torch.tensor([self.files[int(i)][1] for i in indices])
+        if flips is not None:
+            x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+        return x, y
+
+
+def center_crop_tensor(im: Image.Image, size: int) -> torch.Tensor:
+    """Centre crop to a square, resize to `size`, return (3, size, size) in [-1, 1]."""
+    im = im.convert("RGB")
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+class LatentDataset:
+    """Encoded latents as the release stores them: the posterior (mean, logvar) of every image and of
+    its horizontal flip. Each draw samples a fresh latent and multiplies by the scale factor."""
+
+    def __init__(self, path: str | Path, scale_factor: float) -> None:
+        d = load_file(str(path))
+        self.mean, self.logvar, self.labels = d["mean"], d["logvar"], d["labels"].long()  # (N, 2, C, h, w) x2, (N,)
+        meta = json.loads(Path(path).with_suffix(".json").read_text())
+        self.class_names = meta["class_names"]
+        self.scale_factor = scale_factor
+        self.flip_ok = torch.ones(len(self.class_names), dtype=torch.bool)
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def image_size(self) -> int:
+        return self.mean.shape[-1]
+
+    def batch(
+        self, indices: torch.Tensor, flips: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        which = flips.long() if flips is not None else torch.zeros(len(indices), dtype=torch.long)
+        mean = self.mean[indices, which]  # (B, C, h, w)
+        std = (0.5 * self.logvar[indices, which]).exp()
+        z = mean + std * torch.randn(mean.shape, generator=generator)
+        return z * self.scale_factor, self.labels[indices]

@@ -1,0 +1,236 @@
+"""The generation pipeline: a model with its decoder, input validation in one place, streaming of
+per-step, per-branch previews, and a `generate` call that returns a dataclass.
+
+The CLI (`python -m mrdit.sample`) and the app both go through `Pipeline.validate` and `Pipeline.stream`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .checkpoint import load_model, resolve_model_dir
+from .config import ModelConfig
+from .sampling import MAX_STEPS, SAMPLERS, StepState, iterate, noise_for_seeds
+from .visual import to_uint8
+
+MAX_IMAGES = 16
+MAX_SEED = 2**63 - 1
+PREVIEW_MAX = 128  # decoded previews of latent models are stored at most this size
+
+
+class InputError(ValueError):
+    """A request setting is invalid; the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A reproducible recipe: the same settings and model give the same images."""
+
+    labels: tuple[int, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    guidance: float
+    sampler: str
+    guidance_schedule: str = "constant"
+    guidance_power: float = 1.0
+    model: str = ""
+
+
+@dataclass
+class Preview:
+    """One solver update, decoded to image space ([-1, 1], float16, CPU): x_t and each branch's
+    clean estimate at its own resolution, coarse to fine."""
+
+    index: int
+    total: int
+    t: float
+    log_snr: float
+    nfe: int
+    x_t: torch.Tensor  # (B, 3, H, W)
+    branches: list[torch.Tensor]  # K x (B, 3, h_k, w_k)
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    settings: Settings
+    trajectory: list[Preview] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def arrays(self) -> np.ndarray:
+        return np.stack([np.asarray(im) for im in self.images])
+
+
+class PixelDecoder:
+    """Pixel-space models: the data is the image."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class LatentDecoder:
+    """Latent models: the Stable Diffusion VAE (diffusers.AutoencoderKL), decode(z / scale_factor)."""
+
+    def __init__(self, vae: torch.nn.Module, scale_factor: float) -> None:
+        self.vae = vae.eval()
+        self.scale_factor = scale_factor
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, device: str | torch.device = "cpu") -> LatentDecoder:
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError as e:
+            raise InputError("latent models need the optional dependency diffusers (pip install diffusers)") from e
+        ae = config.autoencoder
+        assert ae is not None
+        try:
+            vae = AutoencoderKL.from_pretrained(ae.repo_id).to(device)
+        except Exception as e:
+            raise InputError(f"could not load the autoencoder {ae.repo_id!r}: {type(e).__name__}: {e}") from None
+        return cls(vae, ae.scale_factor)
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        p = next(self.vae.parameters())
+        return self.vae.decode(z.to(p.device, p.dtype) / self.scale_factor).sample.float()
+
+
+class Pipeline:
+    def __init__(self, model: torch.nn.Module, decoder=None, name: str = "") -> None:
+        self.model = model.eval()
+        self.config: ModelConfig = model.config
+        self.decoder = decoder if decoder is not None else (PixelDecoder() if self.config.autoencoder is None else None)
+        if self.decoder is None:
+            raise ValueError("a latent model needs a decoder (LatentDecoder.from_config)")
+        self.name = name
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | Path, device: str | torch.device = "cpu") -> Pipeline:
+        directory = resolve_model_dir(path_or_repo)
+        model = load_model(directory, device=device)
+        decoder = None if model.config.autoencoder is None else LatentDecoder.from_config(model.config, device)
+        return cls(model, decoder, name=str(path_or_repo))
+
+    @property
+    def class_names(self) -> list[str]:
+        n = self.config.num_classes - 1
+        return list(self.config.class_names) if self.config.class_names else [f"class {i}" for i in range(n)]
+
+    def resolve_label(self, label: int | str) -> int:
+        """A class id from an id or a (case-insensitive) name; never the null label."""
+        names = self.class_names
+        if isinstance(label, bool):
+            raise InputError(f"class must be a name or an id, got {label!r}")
+        if isinstance(label, (int, np.integer)) or (isinstance(label, str) and label.strip().lstrip("-").isdigit()):
+            i = int(label)
+            if not 0 <= i < len(names):
+                raise InputError(f"class id {i} is out of range: this model has classes 0..{len(names) - 1}")
+            return i
+        if isinstance(label, str):
+            key = label.strip().lower()
+            for i, n in enumerate(names):
+                if n.lower() == key:
+                    return i
+            shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+            raise InputError(f"unknown class {label!r}; known classes: {shown}")
+        raise InputError(f"class must be a name or an id, got {type(label).__name__}")
+
+    def validate(
+        self, labels: Sequence[int | str] | int | str, seeds: Sequence[int] | int, steps: int, guidance: float, sampler: str,
+        guidance_schedule: str = "constant", guidance_power: float = 1.0,
+    ) -> Settings:
+        """Check every setting once, with messages for users; returns the resolved recipe."""
+        if isinstance(labels, (str, int)):
+            labels = [labels]
+        if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+            seeds = [int(seeds)]
+        labels, seeds = list(labels), list(seeds)
+        if not labels:
+            raise InputError("need at least one class")
+        if len(seeds) == 1 and len(labels) > 1:
+            seeds = [seeds[0] + i for i in range(len(labels))]
+        if len(labels) == 1 and len(seeds) > 1:
+            labels = labels * len(seeds)
+        if len(labels) != len(seeds):
+            raise InputError(f"got {len(labels)} classes but {len(seeds)} seeds")
+        if len(labels) > MAX_IMAGES:
+            raise InputError(f"at most {MAX_IMAGES} images per request, got {len(labels)}")
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= int(s) <= MAX_SEED:
+                raise InputError(f"seed must be an integer in [0, {MAX_SEED}], got {s!r}")
+        if sampler not in SAMPLERS:
+            raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if isinstance(steps, float) and steps.is_integer():
+            steps = int(steps)
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= int(steps) <= MAX_STEPS:
+            raise InputError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
+        for name, v in (("guidance", guidance), ("guidance power", guidance_power)):
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not math.isfinite(v) or v < 0:
+                raise InputError(f"{name} must be a finite number >= 0, got {v!r}")
+        if guidance_schedule not in ("constant", "power-cosine"):
+            raise InputError(f"guidance schedule must be 'constant' or 'power-cosine', got {guidance_schedule!r}")
+        return Settings(
+            labels=tuple(self.resolve_label(lb) for lb in labels), seeds=tuple(int(s) for s in seeds), steps=int(steps),
+            guidance=float(guidance), sampler=sampler, guidance_schedule=guidance_schedule,
+            guidance_power=float(guidance_power), model=self.name,
+        )
+
+    def decode_preview(self, x: torch.Tensor) -> torch.Tensor:
+        """To image space, float16 on the CPU, at most PREVIEW_MAX pixels (memory-bounded trajectories)."""
+        img = self.decoder(x).clamp(-1, 1)
+        if img.shape[-1] > PREVIEW_MAX:
+            img = F.interpolate(img, size=(PREVIEW_MAX, PREVIEW_MAX), mode="area")
+        return img.to("cpu", torch.float16)
+
+    def preview(self, state: StepState) -> Preview:
+        return Preview(
+            index=state.index, total=state.total, t=state.t, log_snr=state.log_snr, nfe=state.nfe,
+            x_t=self.decode_preview(state.x), branches=[self.decode_preview(x0) for x0 in state.x0],
+        )
+
+    def stream(self, settings: Settings, previews: bool = True) -> Iterator[tuple[StepState, Preview | None]]:
+        """Run the sampler for validated settings, yielding each state with its decoded preview."""
+        c = self.config
+        noise, gens = noise_for_seeds(settings.seeds, (c.channels, c.image_size, c.image_size), self.device)
+        labels = torch.tensor(settings.labels, device=self.device)
+        for state in iterate(
+            self.model, noise, labels, sampler=settings.sampler, steps=settings.steps, guidance=settings.guidance,
+            guidance_schedule=settings.guidance_schedule, guidance_power=settings.guidance_power, generators=gens,
+        ):
+            yield state, (self.preview(state) if previews else None)
+
+    def to_images(self, x: torch.Tensor) -> list[Image.Image]:
+        return [Image.fromarray(a) for a in to_uint8(self.decoder(x).clamp(-1, 1))]
+
+    def generate(
+        self, labels: Sequence[int | str] | int | str, seeds: Sequence[int] | int, steps: int = 25, guidance: float = 2.0,
+        sampler: str = "dpm++2m", keep_trajectory: bool = False, guidance_schedule: str = "constant", guidance_power: float = 1.0,
+    ) -> GenerationResult:
+        settings = self.validate(labels, seeds, steps, guidance, sampler, guidance_schedule, guidance_power)
+        t0 = time.perf_counter()
+        trajectory: list[Preview] = []
+        state = None
+        for state, pv in self.stream(settings, previews=keep_trajectory):
+            if pv is not None:
+                trajectory.append(pv)
+        assert state is not None
+        t1 = time.perf_counter()
+        images = self.to_images(state.x)
+        t2 = time.perf_counter()
+        timings = {"sampling_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0, "per_image_s": (t2 - t0) / len(settings.labels), "nfe": state.nfe}
+        return GenerationResult(images=images, settings=settings, trajectory=trajectory, timings=timings)
+
+
+def settings_dict(settings: Settings) -> dict:
+    return asdict(settings)

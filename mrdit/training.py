@@ -1,0 +1,236 @@
+"""Training units: config, learning-rate schedule, optimizer groups, EMA, deterministic batch order,
+one training step, and the full training state (written atomically, resumed automatically).
+
+`train/train.py` is the command-line loop around these; tests call them directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .build import no_decay_parameter_names
+from .config import ConfigError
+from .losses import multiscale_loss
+from .schedule import NoiseSchedule
+
+STATE_PATTERN = re.compile(r"^state-(\d{8})\.pt$")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a run. Saved as `train_config.json` in the run folder."""
+
+    model: str = "emoji-32"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: str = "emoji"  # emoji | image-folder | latents
+    data_path: str = "data/emoji"
+    image_size: int = 32
+    batch_size: int = 32  # global, over all processes
+    steps: int = 20000
+    lr: float = 5e-4
+    warmup_steps: int = 500
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.03
+    label_dropout: float = 0.1
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    grad_clip: float = 0.0  # 0 = off
+    grad_checkpointing: bool = False
+    compile: bool = False
+    channels_last: bool = False
+    flips: bool = True
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 2000
+    save_every: int = 1000
+    keep_states: int = 2
+    sample_steps: int = 25
+    sample_guidance: float = 2.0
+    threads: int = 0  # torch CPU threads; 0 = leave the default
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        checks = [
+            ("data", self.data in ("emoji", "image-folder", "latents"), "must be emoji, image-folder or latents"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("steps", self.steps >= 1, "must be >= 1"),
+            ("lr", self.lr > 0 and math.isfinite(self.lr), "must be positive"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "must be two numbers in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("label_dropout", 0 <= self.label_dropout < 1, "must be in [0, 1)"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)"),
+            ("mixed_precision", self.mixed_precision in ("no", "bf16", "fp16"), "must be no, bf16 or fp16"),
+            ("grad_clip", self.grad_clip >= 0, "must be >= 0"),
+            ("save_every", self.save_every >= 1, "must be >= 1"),
+            ("keep_states", self.keep_states >= 1, "must be >= 1"),
+        ]
+        for name, ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"{name}: {msg}, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown training config field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def with_overrides(self, pairs: list[str]) -> TrainConfig:
+        """Apply `key=value` overrides (value parsed as JSON, else a string); unknown keys are errors."""
+        d = self.to_dict()
+        for pair in pairs:
+            if "=" not in pair:
+                raise ConfigError(f"override {pair!r} is not key=value")
+            k, v = pair.split("=", 1)
+            if k not in d:
+                raise ConfigError(f"unknown training config field {k!r}")
+            try:
+                d[k] = json.loads(v)
+            except json.JSONDecodeError:
+                d[k] = v
+        return TrainConfig.from_dict(d)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up from 0 over `warmup_steps`, then constant (the release's schedule)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; the TD parameters' gates (w, b) get no weight decay, as released."""
+    no_decay = no_decay_parameter_names(model)
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        (plain if name in no_decay else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+class EMA:
+    """Exponential moving average of a model's weights (float32), with the usual early warm-up."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            e.lerp_(p.detach().float(), 1 - d)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state, strict=True)
+
+
+def batch_indices(step: int, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This rank's dataset indices for `step`: a fresh permutation per epoch, seeded by (seed, epoch),
+    so the data position is a function of the step alone (exact resume, any world size)."""
+    pos = torch.arange(step * global_batch, (step + 1) * global_batch)
+    epochs, offsets = pos // n, pos % n
+    out = torch.empty_like(pos)
+    for e in epochs.unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+        mask = epochs == e
+        out[mask] = perm[offsets[mask]]
+    per_rank = global_batch // world
+    return out[rank * per_rank : (rank + 1) * per_rank]
+
+
+def noisy_batch(
+    x0: torch.Tensor, y: torch.Tensor, schedule: NoiseSchedule, null_label: int, label_dropout: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw steps n ~ U{1..N}, noise and label dropout from `generator` (on the CPU, for exact resume)."""
+    B = x0.shape[0]
+    n = torch.randint(1, schedule.N + 1, (B,), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    drop = torch.rand(B, generator=generator) < label_dropout
+    y = torch.where(drop, torch.full_like(y, null_label), y.cpu())
+    a, s = schedule.discrete_coefficients(n)
+    xn = a.view(B, 1, 1, 1) * x0.cpu() + s.view(B, 1, 1, 1) * eps
+    return xn, n.float(), y, eps
+
+
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: Any, xn: torch.Tensor, n: torch.Tensor,
+    y: torch.Tensor, eps: torch.Tensor, loss_weights: tuple[float, ...], lr: float, grad_clip: float,
+) -> dict[str, float]:
+    """One optimisation step on a noised batch; returns metrics (loss, per-branch loss, grad norm)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    with accelerator.autocast():
+        preds = model(xn, n, y)
+    loss = multiscale_loss(preds, eps, loss_weights).mean()
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    metrics = {"loss": float(loss.detach())}
+    if grad_clip > 0:
+        metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), grad_clip))
+    optimizer.step()
+    return metrics
+
+
+def list_states(run_dir: Path) -> list[tuple[int, Path]]:
+    states = []
+    for p in (run_dir / "states").glob("state-*.pt"):
+        m = STATE_PATTERN.match(p.name)
+        if m:
+            states.append((int(m.group(1)), p))
+    return sorted(states)
+
+
+def save_state(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write the full training state atomically (temporary file, fsync, rename), keep the last `keep`."""
+    folder = run_dir / "states"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"state-{step:08d}.pt"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".state-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for _, old in list_states(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_latest_state(run_dir: Path) -> dict[str, Any] | None:
+    """The newest training state that loads; a damaged newest file falls back to the one before.
+
+    Loaded with `weights_only=True`: tensors, numbers and containers only, never code.
+    """
+    for step, path in reversed(list_states(run_dir)):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("step") == step:
+                return state
+        except Exception as e:  # a truncated or corrupt state: say so and try the previous one
+            print(f"warning: skipping unreadable training state {path}: {e}")
+    return None

@@ -1,0 +1,233 @@
+"""Train a DiMR (or baseline) model. One command for one CPU, one GPU, or many GPUs:
+
+    python train/train.py --config train/configs/emoji-32.json --run-dir runs/emoji-32
+    accelerate launch --num_processes 8 train/train.py --config ... --run-dir ...
+
+The run folder holds the resolved config, JSONL metrics, sample grids from the EMA model and the
+full training state (model, EMA, optimizer, step), written atomically every `save_every` steps.
+Starting the same command again resumes from the newest complete state by itself; SIGTERM/SIGINT
+save and exit cleanly. Batches, noise and label dropout are functions of (seed, step, rank), so a
+resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mrdit import get_preset, save_model
+from mrdit.build import build_model
+from mrdit.config import ConfigError, ModelConfig
+from mrdit.data import ImageFolderDataset, LatentDataset, load_emoji
+from mrdit.sampling import sample
+from mrdit.schedule import NoiseSchedule
+from mrdit.training import (
+    EMA,
+    TrainConfig,
+    batch_indices,
+    load_latest_state,
+    lr_at,
+    make_optimizer,
+    noisy_batch,
+    save_state,
+    train_step,
+)
+from mrdit.visual import save_grid
+
+
+def load_dataset(cfg: TrainConfig, model_config: ModelConfig):
+    if cfg.data == "emoji":
+        return load_emoji(cfg.data_path, "train", cfg.image_size)
+    if cfg.data == "image-folder":
+        return ImageFolderDataset(cfg.data_path, cfg.image_size)
+    if model_config.autoencoder is None:
+        raise ConfigError("data: latents need a model config with an autoencoder")
+    return LatentDataset(cfg.data_path, model_config.autoencoder.scale_factor)
+
+
+def resolve_model_config(cfg: TrainConfig, class_names: list[str]) -> ModelConfig:
+    """The preset, sized to the dataset's classes (plus the null label), with any overrides."""
+    base = get_preset(cfg.model)
+    d = base.to_dict()
+    d.update(num_classes=len(class_names) + 1, null_label=len(class_names), class_names=list(class_names))
+    for k, v in cfg.model_overrides.items():
+        if k not in d:
+            raise ConfigError(f"model_overrides: unknown model config field {k!r}")
+        d[k] = v
+    return ModelConfig.from_dict(d)
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """All randomness of one step (flips, noise levels, noise, label dropout) comes from here."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 257 + rank) % (2**63))
+
+
+def sample_grid(ema_model, cfg: TrainConfig, mc: ModelConfig, path: Path, device) -> None:
+    classes = min(mc.num_classes - 1, 16)
+    labels = torch.arange(classes).repeat(2).to(device)
+    g = torch.Generator().manual_seed(1234)
+    noise = torch.randn((len(labels), mc.channels, mc.image_size, mc.image_size), generator=g).to(device)
+    x = sample(ema_model, noise, labels, sampler="dpm++2m", steps=cfg.sample_steps, guidance=cfg.sample_guidance)
+    if mc.autoencoder is None:
+        save_grid(x.clamp(-1, 1), path, cols=classes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, required=True, help="training config JSON (see train/configs/)")
+    p.add_argument("--run-dir", type=Path, required=True, help="run folder: config, metrics, samples, states")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields (JSON values)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--force", action="store_true", help="resume even if the config differs from the run's saved one")
+    args = p.parse_args(argv)
+
+    try:
+        cfg = TrainConfig.from_dict(json.loads(args.config.read_text())).with_overrides(args.set)
+    except (ConfigError, OSError, json.JSONDecodeError) as e:
+        p.error(str(e))
+    print("training config:", json.dumps(cfg.to_dict(), indent=2), flush=True)
+    if args.dry_run:
+        print("model preset:", get_preset(cfg.model).to_json())
+        return 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    from accelerate import Accelerator  # imported late so --help and --dry-run stay fast
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    main_proc = accelerator.is_main_process
+    run = args.run_dir
+    saved_cfg = run / "train_config.json"
+    if saved_cfg.is_file():
+        old = json.loads(saved_cfg.read_text())
+        new = json.loads(json.dumps(cfg.to_dict()))
+        # Thread count changes speed, not results; anything else must match to resume.
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "threads")
+        if changed and not args.force:
+            print(f"error: {run} was started with a different config (changed: {', '.join(changed)}); use --force to resume anyway", file=sys.stderr)
+            return 2
+
+    dataset = load_dataset(cfg, get_preset(cfg.model))
+    mc = resolve_model_config(cfg, dataset.class_names)
+    if dataset.image_size != mc.image_size:
+        p.error(f"data image size {dataset.image_size} != model image_size {mc.image_size}")
+    if cfg.batch_size % accelerator.num_processes:
+        p.error(f"batch_size {cfg.batch_size} is not divisible by {accelerator.num_processes} processes")
+    if main_proc:
+        run.mkdir(parents=True, exist_ok=True)
+        saved_cfg.write_text(json.dumps(cfg.to_dict(), indent=2))
+        (run / "model_config.json").write_text(mc.to_json())
+        with open(run / "command.txt", "a") as f:
+            f.write(" ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) + "\n")
+        print("model config:", mc.to_json(), flush=True)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(mc)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    ema = EMA(model, cfg.ema_decay)
+    optimizer = make_optimizer(model, cfg)
+    step, elapsed = 0, 0.0
+    state = load_latest_state(run)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+        if main_proc:
+            print(f"resumed from step {step}", flush=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    if main_proc:
+        print(f"parameters: {n_params:,}; dataset: {len(dataset)} images, {len(dataset.class_names)} classes; processes: {accelerator.num_processes}")
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.model.to(accelerator.device)
+    train_model = torch.compile(model) if cfg.compile else model
+    unwrapped = accelerator.unwrap_model(model)
+    schedule = NoiseSchedule(mc.schedule)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def checkpoint(at: int) -> None:
+        if main_proc:
+            save_state(run, at, {
+                "step": at, "elapsed": elapsed, "model": unwrapped.state_dict(), "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(), "train_config": json.dumps(cfg.to_dict()), "model_config": mc.to_json(),
+            }, cfg.keep_states)
+        accelerator.wait_for_everyone()
+
+    metrics_file = open(run / "metrics.jsonl", "a") if main_proc else None
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not main_proc, dynamic_ncols=True)
+    per_rank = cfg.batch_size // accelerator.num_processes
+    window_t, window_imgs, losses = time.perf_counter(), 0, []
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        g = step_generator(cfg.seed, step, accelerator.process_index)
+        idx = batch_indices(step, len(dataset), cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
+        flips = torch.rand(per_rank, generator=g) < 0.5 if cfg.flips else None
+        x0, y = dataset.batch(idx, flips, generator=g)
+        xn, n, y, eps = noisy_batch(x0, y, schedule, mc.null_label, cfg.label_dropout, g)
+        dev = accelerator.device
+        if cfg.channels_last:
+            xn = xn.contiguous(memory_format=torch.channels_last)
+        m = train_step(train_model, optimizer, accelerator, xn.to(dev), n.to(dev), y.to(dev), eps.to(dev),
+                       mc.loss_weights, lr_at(step, cfg), cfg.grad_clip)
+        ema.update(unwrapped, step)
+        step += 1
+        elapsed += time.perf_counter() - t0
+        losses.append(m["loss"])
+        window_imgs += cfg.batch_size
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now = time.perf_counter()
+            rate = window_imgs / max(now - window_t, 1e-9)
+            rec = {"step": step, "loss": sum(losses) / len(losses), "lr": lr_at(step - 1, cfg), "img_per_s": rate, "elapsed_s": elapsed}
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rate:.0f}")
+            if metrics_file:
+                metrics_file.write(json.dumps(rec) + "\n")
+                metrics_file.flush()
+            window_t, window_imgs, losses = now, 0, []
+        if main_proc and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+            sample_grid(ema.model, cfg, mc, run / "samples" / f"step-{step:08d}.png", accelerator.device)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            checkpoint(step)
+        if stop["signal"] is not None:
+            if step % cfg.save_every:
+                checkpoint(step)
+            bar.close()
+            print(f"stopped by signal {stop['signal']} at step {step}; state saved, run the same command to resume", flush=True)
+            return 0
+    bar.close()
+    if main_proc:
+        # The inference export of the EMA weights, ready for train/export.py or mrdit.load_model.
+        save_model(ema.model, run / "ema")
+        (run / "DONE").write_text(json.dumps({"step": step, "elapsed_s": elapsed, "hardware": hardware(accelerator)}))
+        print(f"done: {step} steps in {elapsed / 60:.1f} min; EMA model in {run / 'ema'}", flush=True)
+    accelerator.wait_for_everyone()
+    return 0
+
+
+def hardware(accelerator) -> str:
+    if torch.cuda.is_available():
+        return f"{accelerator.num_processes} x {torch.cuda.get_device_name(0)}"
+    return f"{accelerator.num_processes} x CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
