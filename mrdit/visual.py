@@ -72,8 +72,10 @@ def save_gif(frames: Sequence[np.ndarray], path: str | Path, fps: float = 8.0, h
         raise ValueError("no frames")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ims = [Image.fromarray(f) for f in frames] + [Image.fromarray(frames[-1])] * hold_last
-    ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0, optimize=False)
+    ims = [Image.fromarray(f) for f in frames]
+    durations = [int(1000 / fps)] * len(ims)
+    durations[-1] *= hold_last
+    ims[0].save(path, save_all=True, append_images=ims[1:], duration=durations, loop=0, optimize=False)
     return path
 
 

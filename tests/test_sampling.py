@@ -1,0 +1,215 @@
+"""Samplers on a case with a known answer, step states, seeds, guidance, the CLI, a latent model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mrdit import build_model, get_preset, load_model
+from mrdit.config import BranchSpec, ModelConfig, ScheduleConfig
+from mrdit.guidance import power_cosine_weight
+from mrdit.sampling import SAMPLERS, iterate, noise_for_seeds, sample
+from mrdit.schedule import NoiseSchedule
+
+MU, STD = 0.5, 0.4
+
+
+class GaussianDenoiser(nn.Module):
+    """The exact noise prediction for data x0 ~ N(MU, STD^2) per pixel, at the schedule's alpha, sigma."""
+
+    def __init__(self, schedule_kind: str = "cosine") -> None:
+        super().__init__()
+        self.config = ModelConfig(
+            branches=(BranchSpec("transformer", 8, 1, 4, 2, 16, heads=1),), channels=1, image_size=8, num_classes=2,
+            architecture="unpatchify", schedule=ScheduleConfig(schedule_kind),
+        )
+        self.schedule = NoiseSchedule(self.config.schedule)
+        self.calls = 0
+
+    def forward(self, x, n, y):
+        self.calls += 1
+        t = (n.float() / self.schedule.N).reshape(-1)[:1]
+        a, s = self.schedule.alpha(t).double(), self.schedule.sigma(t).double()
+        xd = x.double()
+        x0 = MU + a * STD**2 / (a**2 * STD**2 + s**2) * (xd - a * MU)
+        return [((xd - a * x0) / s).float()]
+
+
+def _moments(sampler, steps, n=4000):
+    model = GaussianDenoiser()
+    noise = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    gens = [torch.Generator().manual_seed(i) for i in range(n)] if sampler == "ddpm" else None
+    x = sample(model, noise, torch.zeros(n, dtype=torch.long), sampler=sampler, steps=steps, generators=gens)
+    return float(x.mean()), float(x.std())
+
+
+@pytest.mark.parametrize("sampler,steps", [("dpm-fast", 60), ("dpm++2m", 60), ("ddim", 60), ("ddpm", 250)])
+def test_gaussian_data_moments(sampler, steps):
+    """Every sampler reproduces the data mean and standard deviation within 0.02 (ancestral DDPM's
+    error falls as 1/steps, so it gets 250 steps; the ODE solvers 60)."""
+    mean, std = _moments(sampler, steps, n=2000 if sampler == "ddpm" else 4000)
+    assert abs(mean - MU) < 0.02
+    assert abs(std - STD) < 0.02
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_error_shrinks_with_steps(sampler):
+    errs = []
+    for steps in (4, 12, 60):
+        mean, std = _moments(sampler, steps, n=1000)
+        errs.append(abs(std - STD) + abs(mean - MU))
+    assert errs[2] < errs[0]
+    assert errs[2] <= errs[1] + 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_model(get_preset("tiny").replace(num_classes=3, null_label=2)).eval()
+
+
+@pytest.mark.parametrize("sampler,steps,updates,nfe", [
+    ("dpm-fast", 10, 4, 10), ("dpm++2m", 7, 7, 7), ("ddim", 5, 5, 5), ("ddpm", 5, 5, 5),
+])
+def test_states_per_update(tiny, sampler, steps, updates, nfe):
+    noise, gens = noise_for_seeds([0, 1], (3, 16, 16))
+    states = list(iterate(tiny, noise, torch.tensor([0, 1]), sampler=sampler, steps=steps, generators=gens))
+    assert len(states) == updates
+    assert [s.index for s in states] == list(range(updates))
+    assert states[-1].nfe == nfe and all(s.total == updates for s in states)
+    for s in states:
+        assert [e.shape[-1] for e in s.x0] == [4, 8, 16]  # each branch at its own resolution
+        assert [e.shape[-1] for e in s.eps] == [4, 8, 16]
+        assert s.x.shape == (2, 3, 16, 16)
+    ts = [s.t for s in states]
+    assert ts == sorted(ts, reverse=True)
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m", "ddim", "ddpm"])
+def test_last_finest_estimate_is_the_image(tiny, sampler):
+    noise, gens = noise_for_seeds([3], (3, 16, 16))
+    states = list(iterate(tiny, noise, torch.tensor([1]), sampler=sampler, steps=6, generators=gens))
+    assert states[-1].t == 0.0
+    assert torch.allclose(states[-1].x0[-1], states[-1].x)
+
+
+def test_branch_estimate_formula(tiny):
+    """x0_k = (avg_pool(x_t, f) - sigma eps_k / f) / alpha for the coarse branches."""
+    noise, _ = noise_for_seeds([0], (3, 16, 16))
+    st = next(iterate(tiny, noise, torch.tensor([0]), sampler="ddim", steps=3))
+    ns = NoiseSchedule(tiny.config.schedule)
+    t = torch.tensor(st.eval_t)
+    a, s = float(ns.alpha(t)), float(ns.sigma(t))
+    expect = (torch.nn.functional.avg_pool2d(noise, 4) - s * st.eps[0] / 4) / a
+    assert torch.allclose(st.x0[0], expect, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_seed_gives_same_image_alone_or_in_batch(tiny, sampler):
+    seeds = list(range(8))
+    noise, gens = noise_for_seeds(seeds, (3, 16, 16))
+    labels = torch.tensor([i % 2 for i in seeds])
+    batch = sample(tiny, noise, labels, sampler=sampler, steps=5, guidance=2.0, generators=gens)
+    n1, g1 = noise_for_seeds([5], (3, 16, 16))
+    alone = sample(tiny, n1, labels[5:6], sampler=sampler, steps=5, guidance=2.0, generators=g1)
+    assert float((batch[5] - alone[0]).norm() / alone[0].norm()) < 1e-4  # random weights: large values
+
+
+def test_guidance_is_one_batched_forward_matching_two_passes(tiny):
+    from mrdit.guidance import guided_denoiser
+
+    calls = []
+    orig = tiny.forward
+
+    def spy(x, t, y):
+        calls.append(x.shape[0])
+        return orig(x, t, y)
+
+    tiny.forward = spy
+    try:
+        x = torch.randn(2, 3, 16, 16)
+        y = torch.tensor([0, 1])
+        eps = guided_denoiser(tiny, y, lambda n: 3.0, 2)(x, torch.tensor(500.0))
+    finally:
+        del tiny.forward
+    assert calls == [4]
+    t = torch.tensor([500.0])
+    c, u = tiny(x, t, y), tiny(x, t, torch.tensor([2, 2]))
+    for k in range(3):
+        assert torch.allclose(eps[k], u[k] + 3.0 * (c[k] - u[k]), atol=1e-5)
+
+
+def test_power_cosine_rises_from_one_to_max():
+    assert power_cosine_weight(1000, 1000, 4.0, 1.0) == pytest.approx(1.0)
+    assert power_cosine_weight(0, 1000, 4.0, 1.0) == pytest.approx(4.0)
+    assert power_cosine_weight(500, 1000, 4.0, 1.0) == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(sampler="euler"), "sampler"), (dict(steps=0), "steps"), (dict(steps=2.5), "steps"),
+    (dict(guidance=float("nan")), "guidance"), (dict(guidance=-1.0), "guidance"), (dict(guidance_schedule="linear"), "guidance_schedule"),
+])
+def test_bad_arguments(tiny, kw, msg):
+    args = dict(sampler="ddim", steps=3) | kw
+    with pytest.raises(ValueError, match=msg):
+        sample(tiny, torch.randn(1, 3, 16, 16), torch.tensor([0]), **args)
+
+
+def test_schedule_inverse_and_ends():
+    for kind in ("scaled-linear", "linear", "cosine"):
+        ns = NoiseSchedule(ScheduleConfig(kind))
+        t = torch.linspace(0.01, 1.0, 50)
+        assert torch.allclose(ns.inverse_log_snr(ns.log_snr(t)), t, atol=1e-4)
+        assert float(ns.sigma(torch.tensor(0.0))) == 0 and float(ns.alpha(torch.tensor(0.0))) == 1
+        assert math.isinf(float(ns.log_snr(torch.tensor(0.0))))
+
+
+def test_cli_writes_grid_and_gif(tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    from mrdit.sample import main
+
+    code = main(["--model", str(tiny_model_dir), "--class", "heart", "--seed", "3", "--steps", "4", "--num-images", "2",
+                 "--sampler", "ddim", "--out", str(tmp_path / "g.png"), "--gif", str(tmp_path / "t.gif")])
+    assert code == 0
+    assert Image.open(tmp_path / "g.png").size[0] > 96
+    gif = Image.open(tmp_path / "t.gif")
+    assert gif.n_frames >= 2  # identical consecutive frames may merge (random weights saturate)
+    # x_t plus 3 branches side by side, two images stacked
+    assert gif.size[0] > 4 * 96 and gif.size[1] > 2 * 96
+    assert main(["--model", str(tiny_model_dir), "--class", "nope", "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_latent_model_decodes_with_tiny_autoencoder(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from mrdit import save_model
+    from mrdit.config import AutoencoderConfig
+    from mrdit.pipeline import LatentDecoder, Pipeline
+
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                                  up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                                  latent_channels=4, layers_per_block=1, norm_num_groups=4, sample_size=32)
+    vae.save_pretrained(tmp_path / "vae")
+    cfg = get_preset("tiny").replace(channels=4, num_classes=3, null_label=2,
+                                     autoencoder=AutoencoderConfig(repo_id=str(tmp_path / "vae"), scale_factor=0.5, downsample=2))
+    save_model(build_model(cfg), tmp_path / "latent")
+    pipe = Pipeline.from_pretrained(tmp_path / "latent")
+    assert isinstance(pipe.decoder, LatentDecoder) and pipe.decoder.scale_factor == 0.5
+    res = pipe.generate([0, 1], [0, 1], steps=3, guidance=1.5, keep_trajectory=True)
+    assert res.images[0].size == (32, 32)  # 16x16 latents, 2x upsampling decoder
+    assert len(res.trajectory) == 3 and res.trajectory[0].branches[0].shape[-1] == 8
+    assert load_model(tmp_path / "latent").config.autoencoder.scale_factor == 0.5
+
+
+def test_gif_keeps_distinct_frames(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from mrdit.visual import save_gif
+
+    frames = [np.full((8, 8, 3), 40 * i, dtype=np.uint8) for i in range(5)]
+    gif = Image.open(save_gif(frames, tmp_path / "a.gif"))
+    assert gif.n_frames == 5

@@ -1,0 +1,172 @@
+"""Export the EMA weights of a training run as a model directory with a model card and sample grid.
+
+    python train/export.py runs/emoji-32 --name mrdit-emoji-32
+
+writes weights/NAME/{config.json, model.safetensors, README.md, samples.png}. If the directory has an
+`eval.json` (written by train/evaluate.py), its numbers go into the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mrdit import save_model
+from mrdit.build import build_model
+from mrdit.config import ModelConfig
+from mrdit.pipeline import Pipeline
+from mrdit.training import load_latest_state
+from mrdit.visual import grid, upscale_nearest
+
+EMOJI_CREDITS = """- **Twemoji** graphics by Twitter, Inc. and other contributors, CC-BY 4.0
+  (https://creativecommons.org/licenses/by/4.0/), via the npm package `emoji-datasource-twitter@16.0.0`.
+- **Noto Emoji** by Google, Apache-2.0, via `emoji-datasource-google@16.0.0`.
+- **Fluent Emoji** by Microsoft, MIT, via `@lobehub/fluent-emoji-3d@1.1.0`."""
+
+
+def sample_rows(pipe: Pipeline, per_class: int = 8, steps: int = 25, guidance: float = 2.0, display: int = 64):
+    """One row per class, seeds 0..per_class-1, as a uint8 grid."""
+    tiles = []
+    for c in range(len(pipe.class_names)):
+        res = pipe.generate([c] * per_class, list(range(per_class)), steps=steps, guidance=guidance, sampler="dpm++2m")
+        tiles += [upscale_nearest(np.asarray(im), display) for im in res.images]
+    return grid(tiles, cols=per_class)
+
+
+def card(name: str, mc: ModelConfig, n_params: int, run_info: dict, evaluation: dict | None) -> str:
+    branches = "\n".join(
+        f"| {k} | {b.kind} | {b.grid}x{b.grid} (patch {b.patch}) | {b.width} | {b.blocks} | {b.heads or '-'} |"
+        for k, b in enumerate(mc.branches)
+    )
+    arch = "DiMR (multi-resolution)" if mc.architecture == "dimr" else "single-resolution baseline (transformer + linear unpatchify head)"
+    classes = ", ".join(mc.class_names)
+    if evaluation:
+        quality = (
+            f"Measured with `{evaluation['command']}` on {evaluation['hardware']}:\n\n"
+            f"| metric | value |\n|---|---|\n"
+            f"| class accuracy of samples (classifier trained on the train split) | {evaluation['accuracy'] * 100:.1f}% |\n"
+            f"| Frechet distance to the validation split (classifier features) | {evaluation['fd']:.2f} |\n"
+            f"| the same distance, train split vs validation split (floor) | {evaluation['fd_floor']:.2f} |\n"
+            f"| sampling time per image ({evaluation['sampler']}, {evaluation['steps']} steps, guidance {evaluation['guidance']}) | {evaluation['sec_per_image'] * 1000:.0f} ms |\n"
+            f"\n{evaluation['samples_per_class']} samples per class, seeds 0..{evaluation['samples_per_class'] - 1}."
+        )
+    else:
+        quality = "Not measured yet: run `python train/evaluate.py weights/" + name + "`."
+    return f"""---
+license: apache-2.0
+library_name: mrdit
+tags:
+- diffusion
+- dimr
+- class-conditional
+- emoji
+---
+
+# {name}
+
+A class-conditional pixel-space {arch} model for {mc.image_size}x{mc.image_size} emoji, trained with
+`mrdit`'s own training script. {n_params:,} parameters.
+
+| branch | kind | grid | width | blocks | heads |
+|---|---|---|---|---|---|
+{branches}
+
+Classes ({mc.num_classes - 1}, plus the null label {mc.null_label} for guidance): {classes}.
+Noise schedule: {mc.schedule.kind}, {mc.schedule.num_steps} steps; loss weights {list(mc.loss_weights)}.
+
+![samples](samples.png)
+
+*One row per class, seeds 0-7, `dpm++2m`, 25 steps, guidance 2.*
+
+## Quality
+
+{quality}
+
+## Training
+
+- Command: `{run_info.get('command', '?')}`
+- Steps: {run_info.get('step', '?')} at batch {run_info.get('batch_size', '?')}; wall time {run_info.get('elapsed_min', '?')} min
+- Hardware: {run_info.get('hardware', '?')}
+- Data: `python train/prepare_emoji.py` (three emoji styles from the npm registry, 12 classes, 32 px)
+
+## Data, licences and attribution
+
+The training images come from:
+
+{EMOJI_CREDITS}
+
+The weights are released under Apache-2.0. Generated images resemble these emoji styles; attribute
+the sources above when you publish them.
+
+## Use
+
+```python
+from mrdit.pipeline import Pipeline
+pipe = Pipeline.from_pretrained("weights/{name}")
+result = pipe.generate("face", seeds=[0, 1, 2, 3], steps=25, guidance=2.0)
+result.images[0].save("face.png")
+```
+
+Model: DiMR, Q. Liu et al., "Alleviating Distortion in Image Generation via Multi-Resolution Diffusion
+Models", NeurIPS 2024 (arXiv:2406.09416).
+"""
+
+
+def export(run: Path, out: Path, dtype: torch.dtype = torch.float32, samples: bool = True) -> Path:
+    state = load_latest_state(run)
+    if state is None:
+        raise SystemExit(f"error: {run} has no training state to export")
+    mc = ModelConfig.from_dict(json.loads(state["model_config"]))
+    model = build_model(mc)
+    model.load_state_dict(state["ema"])
+    model.eval()
+    save_model(model, out, dtype=dtype)
+    train_cfg = json.loads(state["train_config"])
+    done = json.loads((run / "DONE").read_text()) if (run / "DONE").is_file() else {}
+    commands = (run / "command.txt").read_text().strip().splitlines() if (run / "command.txt").is_file() else ["?"]
+    run_info = {
+        "command": "python " + commands[0], "step": state["step"], "batch_size": train_cfg["batch_size"],
+        "elapsed_min": f"{state.get('elapsed', 0) / 60:.0f}", "hardware": done.get("hardware", "see run folder"),
+    }
+    (out / "run_info.json").write_text(json.dumps(run_info, indent=2))
+    write_card(out)
+    if samples:
+        from PIL import Image
+
+        pipe = Pipeline.from_pretrained(out)
+        Image.fromarray(sample_rows(pipe)).save(out / "samples.png")
+    return out
+
+
+def write_card(out: Path) -> None:
+    """(Re)write README.md from config.json, run_info.json and eval.json (if present)."""
+    from mrdit.checkpoint import read_config
+
+    mc = read_config(out)
+    n_params = sum(p.numel() for p in build_model(mc, device="meta").parameters())
+    run_info = json.loads((out / "run_info.json").read_text()) if (out / "run_info.json").is_file() else {}
+    evaluation = json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else None
+    (out / "README.md").write_text(card(out.name, mc, n_params, run_info, evaluation))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, help="run folder of train/train.py")
+    p.add_argument("--name", required=True, help="model name; written to WEIGHTS_DIR/NAME")
+    p.add_argument("--weights-dir", type=Path, default=Path("weights"))
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--no-samples", action="store_true", help="skip the sample grid")
+    args = p.parse_args(argv)
+    print("config:", json.dumps({k: str(v) for k, v in vars(args).items()}))
+    out = export(args.run, args.weights_dir / args.name, getattr(torch, args.dtype), samples=not args.no_samples)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
