@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from accelerate import Accelerator  # imported late so --help and --dry-run stay fast
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    # cpu=True without a GPU: under a multi-process launcher that gives DDP over gloo on the CPU.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     main_proc = accelerator.is_main_process
     run = args.run_dir
     saved_cfg = run / "train_config.json"

@@ -1,0 +1,245 @@
+"""Training: data preparation, loss goes down, exact resume after SIGKILL, atomic states, DDP on two
+CPU processes, export -> load -> sample."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+
+from mrdit import build_model, get_preset, load_model
+from mrdit.data import load_emoji
+from mrdit.losses import diffusion_loss
+from mrdit.training import (
+    EMA,
+    TrainConfig,
+    batch_indices,
+    list_states,
+    load_latest_state,
+    lr_at,
+    make_optimizer,
+    save_state,
+)
+
+TRAIN = [sys.executable, str(ROOT / "train" / "train.py")]
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _config(tmp_path, data, **over) -> Path:
+    cfg = json.loads((ROOT / "train" / "configs" / "tiny.json").read_text()) | {"data_path": str(data), "threads": 1} | over
+    p = tmp_path / "cfg.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+def test_prepare_emoji_from_npm_layout(emoji_data):
+    meta = json.loads((emoji_data / "classes.json").read_text())
+    by_name = {c["name"]: c for c in meta["classes"]}
+    assert len(meta["classes"]) >= 10 and meta["null_label"] == len(meta["classes"])
+    # 5 faces x 3 styles, 4 hearts x 3 styles, 4 flags x 2 styles (no Fluent flags); the house is in no class
+    assert by_name["face"]["train"] + by_name["face"]["val"] == 15
+    assert by_name["heart"]["train"] + by_name["heart"]["val"] == 12
+    assert by_name["flag"]["train"] + by_name["flag"]["val"] == 8 and not by_name["flag"]["flip"]
+    assert all(by_name[n]["val"] >= 1 for n in ("face", "heart", "flag"))
+    train, val = load_emoji(emoji_data, "train", 16), load_emoji(emoji_data, "val", 32)
+    assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (16, 16, 3)
+    assert val.images.shape[1:] == (32, 32, 3)
+    # composited onto white: corners are white
+    assert int(train.images[:, 0, 0].min()) == 255
+    assert "CC-BY 4.0" in (emoji_data / "ATTRIBUTION.md").read_text()
+
+
+def test_batch_order_is_a_function_of_step():
+    a = batch_indices(7, 50, 8, seed=1)
+    assert torch.equal(a, batch_indices(7, 50, 8, seed=1))
+    epoch = torch.cat([batch_indices(s, 48, 8, seed=0) for s in range(6)])
+    assert sorted(epoch.tolist()) == list(range(48))  # one epoch visits every index once
+    two = torch.cat([batch_indices(3, 48, 8, 0, r, 2) for r in range(2)])
+    assert torch.equal(two, batch_indices(3, 48, 8, 0))
+
+
+def test_lr_warmup_then_constant():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3) and lr_at(5000, cfg) == 1e-3
+
+
+def test_weight_decay_excludes_td_gates():
+    model = build_model("tiny")
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.03))
+    decay, plain = opt.param_groups
+    assert decay["weight_decay"] == 0.03 and plain["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith((".w", ".b")) for p in plain["params"])
+    assert any(names[id(p)].endswith(".p0") for p in decay["params"])
+
+
+def test_few_steps_reduce_validation_loss(emoji_data):
+    """Honest check: loss on a fixed held-out batch (fixed noise and steps) falls after training."""
+    torch.manual_seed(0)
+    data = load_emoji(emoji_data, "train", 16)
+    model = build_model(get_preset("tiny").replace(num_classes=13, null_label=12))
+    cfg = TrainConfig(lr=2e-3, warmup_steps=0)
+    opt = make_optimizer(model, cfg)
+    g = torch.Generator().manual_seed(0)
+    x_val, y_val = data.batch(torch.arange(len(data)))
+    n_val = torch.randint(1, 1001, (len(data),), generator=g)
+    eps_val = torch.randn(x_val.shape, generator=g)
+
+    def val_loss():
+        with torch.no_grad():
+            return float(diffusion_loss(model.eval(), x_val, y_val, n=n_val, eps=eps_val).mean())
+
+    before = val_loss()
+    for _ in range(40):
+        model.train()
+        idx = torch.randint(0, len(data), (16,), generator=g)
+        x, y = data.batch(idx)
+        loss = diffusion_loss(model, x, y, generator=g).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = val_loss()
+    assert after < 0.7 * before, (before, after)
+
+
+def test_ema_moves_toward_weights():
+    m = torch.nn.Linear(2, 2)
+    ema = EMA(m, 0.5)
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    before = (ema.model.weight - m.weight).abs().max()
+    ema.update(m, step=1000)
+    assert (ema.model.weight - m.weight).abs().max() < before
+
+
+def test_state_write_is_atomic_and_falls_back(tmp_path, monkeypatch):
+    save_state(tmp_path, 5, {"step": 5, "x": torch.ones(3)}, keep=2)
+    real_save = torch.save
+
+    def crash(obj, f):  # dies half way through writing the file, like a full disk or a kill
+        real_save(obj, f)
+        f.truncate(10)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_state(tmp_path, 10, {"step": 10, "x": torch.zeros(3)}, keep=2)
+    monkeypatch.undo()
+    assert [s for s, _ in list_states(tmp_path)] == [5]
+    assert not list((tmp_path / "states").glob(".*tmp"))
+    # a damaged newest state (e.g. a disk error after the rename) falls back to the previous one
+    save_state(tmp_path, 15, {"step": 15, "x": torch.zeros(3)}, keep=3)
+    p = tmp_path / "states" / "state-00000015.pt"
+    p.write_bytes(p.read_bytes()[:50])
+    assert load_latest_state(tmp_path)["step"] == 5
+
+
+def _run(cfg, run, *extra, timeout=300):
+    return subprocess.run([*TRAIN, "--config", str(cfg), "--run-dir", str(run), *extra], env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_folder_and_kill_resume_is_exact(tmp_path, emoji_data):
+    cfg = _config(tmp_path, emoji_data, steps=24, save_every=4, sample_every=12)
+    ref = tmp_path / "ref"
+    r = _run(cfg, ref)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in ("train_config.json", "model_config.json", "metrics.jsonl", "command.txt", "DONE", "ema/model.safetensors"):
+        assert (ref / f).exists(), f
+    assert list((ref / "samples").glob("*.png"))
+    assert len((ref / "metrics.jsonl").read_text().splitlines()) >= 4
+
+    run = tmp_path / "killed"
+    for attempt in range(3):  # kill at a different moment each time
+        p = subprocess.Popen([*TRAIN, "--config", str(cfg), "--run-dir", str(run)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        target = 4 * (attempt + 1)
+        while time.time() < deadline and not any(s >= target for s, _ in list_states(run)):
+            time.sleep(0.01)
+        time.sleep(0.05 * attempt)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        state = load_latest_state(run)  # never a checkpoint that fails to load
+        assert state is not None
+    r = _run(cfg, run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from step" in r.stdout
+    a, b = load_file(str(ref / "ema" / "model.safetensors")), load_file(str(run / "ema" / "model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+    # resuming with a changed config is refused unless forced
+    cfg2 = _config(tmp_path, emoji_data, steps=24, save_every=4, sample_every=12, lr=0.01)
+    r = _run(cfg2, run)
+    assert r.returncode == 2 and "different config" in r.stderr and "lr" in r.stderr
+    assert _run(cfg2, run, "--force").returncode == 0
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, emoji_data):
+    cfg = _config(tmp_path, emoji_data, steps=100000, save_every=100000, sample_every=0)
+    run = tmp_path / "term"
+    p = subprocess.Popen([*TRAIN, "--config", str(cfg), "--run-dir", str(run)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0 and "state saved" in out
+    assert load_latest_state(run)["step"] >= 1
+
+
+def test_dry_run_and_help(tmp_path, emoji_data):
+    r = _run(_config(tmp_path, emoji_data), tmp_path / "dry", "--dry-run")
+    assert r.returncode == 0 and '"batch_size": 8' in r.stdout and not (tmp_path / "dry").exists()
+    r = subprocess.run([*TRAIN, "--help"], env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0 and "--run-dir" in r.stdout
+    r = _run(_config(tmp_path, emoji_data), tmp_path / "x", "--set", "bogus=1")
+    assert r.returncode == 2 and "bogus" in r.stderr
+
+
+def test_export_load_sample_and_card(tmp_path, emoji_data):
+    cfg = _config(tmp_path, emoji_data, steps=6, save_every=3, sample_every=0)
+    run = tmp_path / "run"
+    assert _run(cfg, run).returncode == 0
+    r = subprocess.run([sys.executable, str(ROOT / "train" / "export.py"), str(run), "--name", "tiny-emoji", "--weights-dir", str(tmp_path / "w"), "--dtype", "float16"],
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "w" / "tiny-emoji"
+    card = (out / "README.md").read_text()
+    for needle in ("CC-BY 4.0", "Apache-2.0", "MIT", "train/train.py", "Steps: 6"):
+        assert needle in card, needle
+    assert (out / "samples.png").is_file()
+    m = load_model(out)
+    assert m.config.class_names[0] == "face"
+    from mrdit.pipeline import Pipeline
+
+    res = Pipeline(m).generate("heart", [0, 1], steps=3)
+    assert len(res.images) == 2 and res.images[0].size == (16, 16)
+
+
+def test_two_process_ddp_trains_and_exports_once(tmp_path, emoji_data):
+    pytest.importorskip("accelerate")
+    cfg = _config(tmp_path, emoji_data, steps=6, save_every=3, sample_every=0, log_every=2)
+    run = tmp_path / "ddp"
+    # accelerate's --cpu launcher starts one process unless MPI is present; its torchrun path (--multi_gpu)
+    # starts two, and each uses the CPU with gloo when there is no GPU.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "train.py"), "--config", str(cfg), "--run-dir", str(run)]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "processes: 2" in r.stdout
+    assert r.stdout.count("done: 6 steps") == 1  # rank 0 alone reports and exports
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    load_model(run / "ema")
+    state = load_latest_state(run)
+    # DDP keeps both replicas identical, so rank 0's copy is the model; it trained on both ranks' data
+    assert state["step"] == 6
