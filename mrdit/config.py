@@ -100,6 +100,8 @@ class ModelConfig:
 
     `num_classes` counts the null (unconditional) label; `null_label` is its id (the last by default).
     `architecture="unpatchify"` is the single-transformer baseline (one branch, linear unpatchify head).
+    `clip_x0`: samplers clamp clean-image estimates to [-1, 1]; None means yes for pixel-space models
+    (near t = 1, x0 = (x - sigma eps) / alpha divides by a tiny alpha) and no for latent ones.
     """
 
     branches: tuple[BranchSpec, ...]
@@ -113,6 +115,7 @@ class ModelConfig:
     autoencoder: AutoencoderConfig | None = None
     architecture: Architecture = "dimr"
     class_names: tuple[str, ...] = ()
+    clip_x0: bool | None = None
 
     def __post_init__(self) -> None:
         # Normalise the JSON-friendly forms (lists, dicts) so configs compare and hash reliably.
@@ -149,6 +152,10 @@ class ModelConfig:
     @property
     def latent(self) -> bool:
         return self.autoencoder is not None
+
+    @property
+    def clips_x0(self) -> bool:
+        return (not self.latent) if self.clip_x0 is None else bool(self.clip_x0)
 
     @property
     def output_sizes(self) -> tuple[int, ...]:

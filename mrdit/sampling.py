@@ -11,6 +11,9 @@ time t in (0, 1] on the model's noise schedule, from t = 1 down a grid uniform i
   `steps` network evaluations, ending at t = 1/N with no extra denoising step.
 - `dpm++2m`: multistep DPM-Solver++ (2nd order), one evaluation per step, last step to the clean end.
 - `ddim` (deterministic with eta = 0) and `ddpm` (ancestral, i.e. DDIM with eta = 1).
+
+Pixel-space models clamp clean-image estimates to [-1, 1] (config `clip_x0`), as DDPM did: near t = 1
+the estimate divides by a tiny alpha. Latent models (and the parity runs) never clip.
 """
 
 from __future__ import annotations
@@ -63,9 +66,10 @@ def branch_estimate(x: torch.Tensor, eps_k: torch.Tensor, alpha: float, sigma: f
 class _Evaluator:
     """Calls the denoiser at continuous time t, counts evaluations, keeps the last per-branch outputs."""
 
-    def __init__(self, denoise: Denoiser, schedule: NoiseSchedule) -> None:
+    def __init__(self, denoise: Denoiser, schedule: NoiseSchedule, clip: bool = False) -> None:
         self.denoise = denoise
         self.schedule = schedule
+        self.clip = clip
         self.nfe = 0
         self.eps: list[torch.Tensor] = []
         self.x0: list[torch.Tensor] = []
@@ -73,10 +77,12 @@ class _Evaluator:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Data prediction of the finest branch, x0 = (x - sigma eps) / alpha."""
+        """Data prediction of the finest branch, x0 = (x - sigma eps) / alpha (clamped to [-1, 1] if clipping)."""
         alpha, sigma = float(self.schedule.alpha(t)), float(self.schedule.sigma(t))
         self.eps = [e.float() for e in self.denoise(x, self.schedule.network_step(t))]
         self.x0 = [branch_estimate(x, e, alpha, sigma) for e in self.eps]
+        if self.clip:
+            self.x0 = [x0.clamp(-1, 1) for x0 in self.x0]
         self.nfe += 1
         self.t = float(t)
         return self.x0[-1]
@@ -226,7 +232,7 @@ def iterate(
         raise ValueError(f"labels must have shape ({noise.shape[0]},), got {tuple(labels.shape)}")
     schedule = NoiseSchedule(config.schedule)
     weight = guidance_weight_fn(float(guidance), guidance_schedule, float(guidance_power), schedule.N)
-    ev = _Evaluator(guided_denoiser(model, labels, weight, config.null_label), schedule)
+    ev = _Evaluator(guided_denoiser(model, labels, weight, config.null_label), schedule, clip=config.clips_x0)
     x = noise.float()
     if sampler == "dpm-fast":
         yield from _dpm_fast(ev, x, steps)

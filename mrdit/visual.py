@@ -89,3 +89,47 @@ def trajectory_frame(x_t: torch.Tensor, branches: Sequence[torch.Tensor], displa
     """A frame of a trajectory animation: one row of panels per image (x_t (B, 3, H, W), branches K x (B, 3, h, w))."""
     rows = [panel_row(x_t[i], [b[i] for b in branches], display) for i in range(x_t.shape[0])]
     return np.concatenate(rows, axis=0)
+
+
+def branch_headers(config) -> list[str]:
+    """Column titles for a model's panels: x_t, each branch (grid, kind), and what each finer branch added."""
+    heads = ["x_t (noisy)"]
+    if config.architecture == "unpatchify":
+        return heads + [f"estimate {config.image_size}x{config.image_size}"]
+    for k, b in enumerate(config.branches):
+        heads.append(f"branch {k}: {b.grid}x{b.grid} {'transformer' if b.kind == 'transformer' else 'conv'}")
+    for k in range(1, len(config.branches)):
+        heads.append(f"branch {k} added")
+    return heads
+
+
+def panel_sheet(x_t: torch.Tensor, branches: Sequence[torch.Tensor], display: int, headers: Sequence[str] | None = None) -> np.ndarray:
+    """All panels of a step for a batch, one row per image: x_t, each branch's estimate (coarse to fine),
+    then what each finer branch added (signed heat map of finer minus upsampled coarser), all at one
+    display size with nearest-neighbour upscaling. Optional column headers on top."""
+    from PIL import ImageDraw, ImageFont
+
+    B = x_t.shape[0]
+    tiles = []
+    for i in range(B):
+        row = [upscale_nearest(to_uint8(x_t[i]), display)] + [upscale_nearest(to_uint8(b[i]), display) for b in branches]
+        for k in range(1, len(branches)):
+            add = branch_addition(branches[k][i : i + 1].float(), branches[k - 1][i : i + 1].float())[0]
+            row.append(upscale_nearest(signed_heatmap(add, scale=1.0), display))
+        tiles.extend(row)
+    cols = 1 + len(branches) + max(len(branches) - 1, 0)
+    sheet = grid(tiles, cols=cols, pad=4)
+    if not headers:
+        return sheet
+    head_h = 22
+    canvas = Image.new("RGB", (sheet.shape[1], sheet.shape[0] + head_h), (255, 255, 255))
+    canvas.paste(Image.fromarray(sheet), (0, head_h))
+    draw = ImageDraw.Draw(canvas)
+    size = 13 if display >= 110 else 11
+    font = ImageFont.load_default(size=size)
+    for c, text in enumerate(headers[:cols]):
+        x0 = 4 + c * (display + 4)
+        while font.getlength(text) > display and len(text) > 4:
+            text = text[:-2] + "…" if not text.endswith("…") else text[:-2] + "…"
+        draw.text((x0 + (display - font.getlength(text)) / 2, 4), text, fill=(30, 30, 30), font=font)
+    return np.asarray(canvas)
