@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 import uuid
@@ -42,6 +43,7 @@ RELEASED = {
 }
 RELEASED_REPO = "QHL067/DiMR"
 CACHE = Path(os.environ.get("MRDIT_CACHE", Path.home() / ".cache" / "mrdit"))
+EXPORTS = Path(tempfile.gettempdir()) / "mrdit-exports"  # gradio serves files from the temp dir
 IMAGENET_CLASSES = ROOT / "assets" / "imagenet_classes.json"
 
 log = logging.getLogger("mrdit.app")
@@ -186,8 +188,9 @@ def status_text(pv: Preview, settings: Settings, elapsed: float | None = None) -
 def schedule_plot(traj: Trajectory, i: int) -> pd.DataFrame:
     """log-SNR at each step (finite ones) and a marker at the current step."""
     rows = [{"step": k + 1, "log-SNR": p.log_snr, "series": "schedule"} for k, p in enumerate(traj.previews) if np.isfinite(p.log_snr)]
-    if traj.previews and np.isfinite(traj.previews[i].log_snr):
-        rows.append({"step": i + 1, "log-SNR": traj.previews[i].log_snr, "series": "current step"})
+    if rows:  # the current step as a vertical line across the plotted range
+        lo, hi = min(r["log-SNR"] for r in rows), max(r["log-SNR"] for r in rows)
+        rows += [{"step": i + 1, "log-SNR": v, "series": "current step"} for v in (lo, hi)]
     return pd.DataFrame(rows or [{"step": 0, "log-SNR": 0.0, "series": "schedule"}])
 
 
@@ -260,7 +263,7 @@ def generate(class_label, seed, steps, guidance, sampler, num_images=4, model=DE
     total = time.perf_counter() - t0
     status = status_text(traj.previews[-1], settings, total) + f" · done: {len(settings.seeds)} images in {total:.2f} s"
     yield (render(traj, n - 1), traj.final, status, traj,
-           gr.update(minimum=1, maximum=n, value=n, step=1, interactive=True), schedule_plot(traj, n - 1), change_plot(traj))
+           gr.update(minimum=1, maximum=max(n, 2), value=n, step=1, interactive=n > 1), schedule_plot(traj, n - 1), change_plot(traj))
 
 
 def scrub(step, traj: Trajectory | None):
@@ -314,7 +317,7 @@ def step_next(traj: Trajectory | None):
         traj.stepper = None
         final = traj.final
     status = status_text(pv, traj.settings) + (" · finished" if done else " · paused")
-    return (render(traj, n - 1), final, status, traj, gr.update(minimum=1, maximum=n, value=n, step=1, interactive=True),
+    return (render(traj, n - 1), final, status, traj, gr.update(minimum=1, maximum=max(n, 2), value=n, step=1, interactive=n > 1),
             schedule_plot(traj, n - 1), change_plot(traj), gr.update(interactive=not done))
 
 
@@ -322,8 +325,11 @@ def export_gif(traj: Trajectory | None):
     if traj is None or not traj.previews:
         raise gr.Error("Generate first; the GIF shows the trajectory of the last run.", print_exception=False)
     frames = [render(traj, i) for i in range(len(traj.previews))]
-    folder = CACHE / "exports"
+    folder = EXPORTS
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("trajectory-*.gif"):  # bounded disk use: drop exports older than an hour
+        if time.time() - old.stat().st_mtime > 3600:
+            old.unlink(missing_ok=True)
     return str(save_gif(frames, folder / f"trajectory-{traj.id[:8]}.gif", fps=6))
 
 
@@ -379,7 +385,7 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
                 class_label = gr.Dropdown(names, value=names[0] if names else None, label="Class", allow_custom_value=True)
                 with gr.Row():
                     seed = gr.Number(0, label="Seed", precision=0, minimum=0, scale=3)
-                    dice = gr.Button("🎲", scale=1, min_width=40)
+                    dice = gr.Button("Random", scale=1, min_width=60)
                 num_images = gr.Slider(1, 8, value=4, step=1, label="Images")
                 steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
                 guidance = gr.Slider(1.0, 8.0, value=2.0, step=0.1, label="Guidance w  (eps_u + w·(eps_c − eps_u); 1 = off)")
@@ -394,16 +400,18 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
                     step_btn = gr.Button("Next step", interactive=False)
             with gr.Column(scale=3):
                 status = gr.Markdown("Press **Generate** to watch the branches refine the image.", elem_id="status")
-                panels = gr.Image(label="Each step: x_t | each branch's estimate, coarse to fine | what each finer branch added",
-                                  elem_id="panels", format="png", interactive=False, buttons=["download"])
+                gr.Markdown("One row per image: the noisy **x_t**, then **each branch's estimate**, coarse to fine, "
+                            "then **what each finer branch added** (red brighter, blue darker).")
+                panels = gr.Image(label="Panels", show_label=False, elem_id="panels", format="png", interactive=False,
+                                  buttons=["download"])
                 with gr.Row():
                     slider = gr.Slider(1, 2, value=1, step=1, label="Trajectory step", interactive=False, scale=4)
-                    play = gr.Button("▶ Play", scale=1, min_width=60)
-                    pause = gr.Button("⏸ Pause", scale=1, min_width=60)
+                    play = gr.Button("Play", scale=1, min_width=60)
+                    pause = gr.Button("Pause", scale=1, min_width=60)
                 with gr.Row():
                     gif_btn = gr.Button("Export trajectory as GIF")
                     gif_file = gr.File(label="Trajectory GIF", interactive=False)
-                final = gr.Gallery(label="Final images", elem_id="final", columns=8, height="auto", object_fit="contain")
+                final = gr.Gallery(label="Final images", elem_id="final", columns=8, rows=1, height=200, object_fit="contain")
                 gr.Markdown(EXPLAIN)
                 with gr.Row():
                     sched = gr.LinePlot(x="step", y="log-SNR", color="series", title="Noise schedule: log-SNR at each step", height=240)
@@ -420,10 +428,10 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
         play.click(lambda: gr.Timer(active=True), None, timer, api_visibility="private", queue=False)
         pause.click(lambda: gr.Timer(active=False), None, timer, api_visibility="private", queue=False)
         timer.tick(play_tick, [slider, traj], [slider, timer], api_visibility="private", show_progress="hidden")
-        step_begin.click(step_start, inputs, [traj, status, final, step_btn], api_name="step_start")
+        step_begin.click(step_start, inputs, [traj, status, final, step_btn], api_name="step_start", show_progress="hidden")
         step_btn.click(step_next, [traj], [panels, final, status, traj, slider, sched, changes, step_btn], api_name="step_next",
                        show_progress="hidden")
-        gif_btn.click(export_gif, [traj], gif_file, api_name="export_gif")
+        gif_btn.click(export_gif, [traj], gif_file, api_name="export_gif", show_progress="minimal")
         model.change(on_model_change, model, class_label, api_visibility="private")
     demo.queue(max_size=32, default_concurrency_limit=2)
     return demo
