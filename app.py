@@ -28,8 +28,7 @@ import torch
 from mrdit.checkpoint import CheckpointError, resolve_model_dir
 from mrdit.pipeline import MAX_IMAGES, InputError, Pipeline, Preview, Settings
 from mrdit.sampling import SAMPLERS
-from mrdit.schedule import NoiseSchedule
-from mrdit.visual import branch_headers, panel_sheet, save_gif, to_uint8
+from mrdit.visual import branch_headers, panel_sheet, save_gif
 
 ROOT = Path(__file__).resolve().parent
 WEIGHTS = ROOT / "weights"
@@ -96,7 +95,9 @@ def resolve_model(choice: str) -> Path:
             return resolve_model_dir(choice)
         except CheckpointError as e:
             raise InputError(f"{e} (the Hub is unreachable offline)") from None
-    raise InputError(f"unknown model {choice!r}; choose one of: {', '.join(model_choices())}, or a Hub repo id like user/model")
+    raise InputError(
+        f"unknown model {choice!r}; choose one of: {', '.join(model_choices())}, or a Hub repo id like user/model"
+    )
 
 
 def released_model(choice: str) -> Path:
@@ -187,7 +188,11 @@ def status_text(pv: Preview, settings: Settings, elapsed: float | None = None) -
 
 def schedule_plot(traj: Trajectory, i: int) -> pd.DataFrame:
     """log-SNR at each step (finite ones) and a marker at the current step."""
-    rows = [{"step": k + 1, "log-SNR": p.log_snr, "series": "schedule"} for k, p in enumerate(traj.previews) if np.isfinite(p.log_snr)]
+    rows = [
+        {"step": k + 1, "log-SNR": p.log_snr, "series": "schedule"}
+        for k, p in enumerate(traj.previews)
+        if np.isfinite(p.log_snr)
+    ]
     if rows:  # the current step as a vertical line across the plotted range
         lo, hi = min(r["log-SNR"] for r in rows), max(r["log-SNR"] for r in rows)
         rows += [{"step": i + 1, "log-SNR": v, "series": "current step"} for v in (lo, hi)]
@@ -218,7 +223,9 @@ def _settings(pipe: Pipeline, class_label, seed, num_images, steps, guidance, sa
             seed = int(seed)
         if isinstance(seed, str):
             seed = int(seed) if seed.strip().isdigit() else seed
-        return pipe.validate([class_label] * n, [seed + i if isinstance(seed, int) else seed for i in range(n)], steps, guidance, sampler)
+        return pipe.validate(
+            [class_label] * n, [seed + i if isinstance(seed, int) else seed for i in range(n)], steps, guidance, sampler
+        )
     except (TypeError, ValueError) as e:
         raise gr.Error(str(e), print_exception=False) from None
 
@@ -231,11 +238,15 @@ def _gr_error(e: Exception) -> gr.Error:
     if isinstance(e, (InputError, CheckpointError, ValueError)):
         return gr.Error(str(e), print_exception=False)
     log.exception("generation failed")
-    return gr.Error("Something went wrong while generating; please try again with other settings.", print_exception=False)
+    return gr.Error(
+        "Something went wrong while generating; please try again with other settings.", print_exception=False
+    )
 
 
 @gpu
-def generate(class_label, seed, steps, guidance, sampler, num_images=4, model=DEFAULT_MODEL, traj: Trajectory | None = None):
+def generate(
+    class_label, seed, steps, guidance, sampler, num_images=4, model=DEFAULT_MODEL, traj: Trajectory | None = None
+):
     """Stream every step: (panels, final images, status, trajectory state, slider, plots)."""
     try:
         pipe = MODELS.get(model)
@@ -253,8 +264,15 @@ def generate(class_label, seed, steps, guidance, sampler, num_images=4, model=DE
             now = time.perf_counter()
             if now - last_emit >= STREAM_INTERVAL or state.index + 1 == state.total:
                 last_emit = now
-                yield (render(traj, len(traj.previews) - 1), None, status_text(pv, settings, now - t0), traj,
-                       gr.update(), gr.update(), gr.update())
+                yield (
+                    render(traj, len(traj.previews) - 1),
+                    None,
+                    status_text(pv, settings, now - t0),
+                    traj,
+                    gr.update(),
+                    gr.update(),
+                    gr.update(),
+                )
         assert state is not None
         traj.final = _finalise(pipe, traj, state.x)
     except Exception as e:
@@ -262,8 +280,15 @@ def generate(class_label, seed, steps, guidance, sampler, num_images=4, model=DE
     n = len(traj.previews)
     total = time.perf_counter() - t0
     status = status_text(traj.previews[-1], settings, total) + f" · done: {len(settings.seeds)} images in {total:.2f} s"
-    yield (render(traj, n - 1), traj.final, status, traj,
-           gr.update(minimum=1, maximum=max(n, 2), value=n, step=1, interactive=n > 1), schedule_plot(traj, n - 1), change_plot(traj))
+    yield (
+        render(traj, n - 1),
+        traj.final,
+        status,
+        traj,
+        gr.update(minimum=1, maximum=max(n, 2), value=n, step=1, interactive=n > 1),
+        schedule_plot(traj, n - 1),
+        change_plot(traj),
+    )
 
 
 def scrub(step, traj: Trajectory | None):
@@ -293,7 +318,12 @@ def step_start(class_label, seed, steps, guidance, sampler, num_images, model):
         raise _gr_error(e) from None
     traj = Trajectory(settings=settings, headers=branch_headers(pipe.config))
     traj.stepper = (pipe, pipe.stream(settings))
-    return traj, f"Step mode ready: {settings.steps} steps of {settings.sampler}. Press **Next step**.", None, gr.update(interactive=True)
+    return (
+        traj,
+        f"Step mode ready: {settings.steps} steps of {settings.sampler}. Press **Next step**.",
+        None,
+        gr.update(interactive=True),
+    )
 
 
 @gpu
@@ -317,8 +347,16 @@ def step_next(traj: Trajectory | None):
         traj.stepper = None
         final = traj.final
     status = status_text(pv, traj.settings) + (" · finished" if done else " · paused")
-    return (render(traj, n - 1), final, status, traj, gr.update(minimum=1, maximum=max(n, 2), value=n, step=1, interactive=n > 1),
-            schedule_plot(traj, n - 1), change_plot(traj), gr.update(interactive=not done))
+    return (
+        render(traj, n - 1),
+        final,
+        status,
+        traj,
+        gr.update(minimum=1, maximum=max(n, 2), value=n, step=1, interactive=n > 1),
+        schedule_plot(traj, n - 1),
+        change_plot(traj),
+        gr.update(interactive=not done),
+    )
 
 
 def export_gif(traj: Trajectory | None):
@@ -369,7 +407,9 @@ CSS = """
 
 def build_demo(default_model: str | None = None) -> gr.Blocks:
     choices = model_choices()
-    default = default_model or (DEFAULT_MODEL if DEFAULT_MODEL in choices else (choices[0] if choices else DEFAULT_MODEL))
+    default = default_model or (
+        DEFAULT_MODEL if DEFAULT_MODEL in choices else (choices[0] if choices else DEFAULT_MODEL)
+    )
     try:
         names = class_choices(MODELS.get(default))
     except Exception:  # the page still loads; choosing a working model fills the classes
@@ -380,17 +420,30 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
         traj = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
-                model = gr.Dropdown(choices, value=default, label="Model", allow_custom_value=True,
-                                    info="shipped weights, a Hub repo id (user/model), or the authors' ImageNet models")
-                class_label = gr.Dropdown(names, value=names[0] if names else None, label="Class", allow_custom_value=True)
+                model = gr.Dropdown(
+                    choices,
+                    value=default,
+                    label="Model",
+                    allow_custom_value=True,
+                    info="shipped weights, a Hub repo id (user/model), or the authors' ImageNet models",
+                )
+                class_label = gr.Dropdown(
+                    names, value=names[0] if names else None, label="Class", allow_custom_value=True
+                )
                 with gr.Row():
                     seed = gr.Number(0, label="Seed", precision=0, minimum=0, scale=3)
                     dice = gr.Button("Random", scale=1, min_width=60)
                 num_images = gr.Slider(1, 8, value=4, step=1, label="Images")
                 steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
-                guidance = gr.Slider(1.0, 8.0, value=2.0, step=0.1, label="Guidance w  (eps_u + w·(eps_c − eps_u); 1 = off)")
-                sampler = gr.Dropdown(list(SAMPLERS), value="dpm++2m", label="Sampler",
-                                      info="dpm++2m: fast default · dpm-fast: the release's · ddim / ddpm: the classics")
+                guidance = gr.Slider(
+                    1.0, 8.0, value=2.0, step=0.1, label="Guidance w  (eps_u + w·(eps_c − eps_u); 1 = off)"
+                )
+                sampler = gr.Dropdown(
+                    list(SAMPLERS),
+                    value="dpm++2m",
+                    label="Sampler",
+                    info="dpm++2m: fast default · dpm-fast: the release's · ddim / ddpm: the classics",
+                )
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary")
                     stop = gr.Button("Stop", variant="stop")
@@ -400,10 +453,18 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
                     step_btn = gr.Button("Next step", interactive=False)
             with gr.Column(scale=3):
                 status = gr.Markdown("Press **Generate** to watch the branches refine the image.", elem_id="status")
-                gr.Markdown("One row per image: the noisy **x_t**, then **each branch's estimate**, coarse to fine, "
-                            "then **what each finer branch added** (red brighter, blue darker).")
-                panels = gr.Image(label="Panels", show_label=False, elem_id="panels", format="png", interactive=False,
-                                  buttons=["download"])
+                gr.Markdown(
+                    "One row per image: the noisy **x_t**, then **each branch's estimate**, coarse to fine, "
+                    "then **what each finer branch added** (red brighter, blue darker)."
+                )
+                panels = gr.Image(
+                    label="Panels",
+                    show_label=False,
+                    elem_id="panels",
+                    format="png",
+                    interactive=False,
+                    buttons=["download"],
+                )
                 with gr.Row():
                     slider = gr.Slider(1, 2, value=1, step=1, label="Trajectory step", interactive=False, scale=4)
                     play = gr.Button("Play", scale=1, min_width=60)
@@ -411,26 +472,55 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
                 with gr.Row():
                     gif_btn = gr.Button("Export trajectory as GIF")
                     gif_file = gr.File(label="Trajectory GIF", interactive=False)
-                final = gr.Gallery(label="Final images", elem_id="final", columns=8, rows=1, height=200, object_fit="contain")
+                final = gr.Gallery(
+                    label="Final images", elem_id="final", columns=8, rows=1, height=200, object_fit="contain"
+                )
                 gr.Markdown(EXPLAIN)
                 with gr.Row():
-                    sched = gr.LinePlot(x="step", y="log-SNR", color="series", title="Noise schedule: log-SNR at each step", height=240)
-                    changes = gr.LinePlot(x="step", y="change", color="branch", title="How much each branch's estimate still changes", height=240)
+                    sched = gr.LinePlot(
+                        x="step", y="log-SNR", color="series", title="Noise schedule: log-SNR at each step", height=240
+                    )
+                    changes = gr.LinePlot(
+                        x="step",
+                        y="change",
+                        color="branch",
+                        title="How much each branch's estimate still changes",
+                        height=240,
+                    )
         gr.Markdown(FOOTER)
         timer = gr.Timer(0.4, active=False)
 
         inputs = [class_label, seed, steps, guidance, sampler, num_images, model]
-        gen_event = run.click(generate, inputs + [traj], [panels, final, status, traj, slider, sched, changes],
-                              api_name="generate", concurrency_limit=2, show_progress="hidden")
+        gen_event = run.click(
+            generate,
+            inputs + [traj],
+            [panels, final, status, traj, slider, sched, changes],
+            api_name="generate",
+            concurrency_limit=2,
+            show_progress="hidden",
+        )
         stop.click(None, None, None, cancels=[gen_event], api_visibility="private")
-        dice.click(lambda: int(np.random.default_rng().integers(0, 2**31 - 1)), None, seed, api_visibility="private", queue=False)
+        dice.click(
+            lambda: int(np.random.default_rng().integers(0, 2**31 - 1)),
+            None,
+            seed,
+            api_visibility="private",
+            queue=False,
+        )
         slider.change(scrub, [slider, traj], [panels, status, sched], api_name="scrub", show_progress="hidden")
         play.click(lambda: gr.Timer(active=True), None, timer, api_visibility="private", queue=False)
         pause.click(lambda: gr.Timer(active=False), None, timer, api_visibility="private", queue=False)
         timer.tick(play_tick, [slider, traj], [slider, timer], api_visibility="private", show_progress="hidden")
-        step_begin.click(step_start, inputs, [traj, status, final, step_btn], api_name="step_start", show_progress="hidden")
-        step_btn.click(step_next, [traj], [panels, final, status, traj, slider, sched, changes, step_btn], api_name="step_next",
-                       show_progress="hidden")
+        step_begin.click(
+            step_start, inputs, [traj, status, final, step_btn], api_name="step_start", show_progress="hidden"
+        )
+        step_btn.click(
+            step_next,
+            [traj],
+            [panels, final, status, traj, slider, sched, changes, step_btn],
+            api_name="step_next",
+            show_progress="hidden",
+        )
         gif_btn.click(export_gif, [traj], gif_file, api_name="export_gif", show_progress="minimal")
         model.change(on_model_change, model, class_label, api_visibility="private")
     demo.queue(max_size=32, default_concurrency_limit=2)

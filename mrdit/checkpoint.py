@@ -49,7 +49,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def atomic_save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -182,16 +184,25 @@ def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, t
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing:
-        raise CheckpointError(f"{where}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise CheckpointError(
+            f"{where}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     if extra:
-        raise CheckpointError(f"{where}: unexpected tensor {extra[0]!r}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise CheckpointError(
+            f"{where}: unexpected tensor {extra[0]!r}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
     for k, shape in expected.items():
         if tuple(state[k].shape) != tuple(shape):
-            raise CheckpointError(f"{where}: tensor {k!r} has shape {tuple(state[k].shape)}, the config needs {tuple(shape)}")
+            raise CheckpointError(
+                f"{where}: tensor {k!r} has shape {tuple(state[k].shape)}, the config needs {tuple(shape)}"
+            )
 
 
 def load_model(
-    path_or_repo: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, revision: str | None = None
+    path_or_repo: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
 ) -> nn.Module:
     """Load a model directory (or Hub repo id) strictly, in eval mode."""
     from .build import build_model

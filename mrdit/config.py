@@ -48,17 +48,31 @@ class BranchSpec:
     head_kernel: int = 3
 
     def __post_init__(self) -> None:
-        _require(self.kind in ("transformer", "convnext"), "kind", f"must be 'transformer' or 'convnext', got {self.kind!r}")
+        _require(
+            self.kind in ("transformer", "convnext"), "kind", f"must be 'transformer' or 'convnext', got {self.kind!r}"
+        )
         for name in ("width", "blocks", "grid", "patch", "mlp_width", "head_kernel"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
-        _require(self.blocks % 2 == 1, "blocks", f"must be odd (long skips pair around a middle block), got {self.blocks}")
+        _require(
+            self.blocks % 2 == 1, "blocks", f"must be odd (long skips pair around a middle block), got {self.blocks}"
+        )
         _require(self.head_kernel % 2 == 1, "head_kernel", f"must be odd, got {self.head_kernel}")
         if self.kind == "transformer":
-            _require(isinstance(self.heads, int) and self.heads > 0, "heads", f"a transformer branch needs heads > 0, got {self.heads!r}")
-            _require(self.width % self.heads == 0, "heads", f"width {self.width} is not divisible by heads {self.heads}")
+            _require(
+                isinstance(self.heads, int) and self.heads > 0,
+                "heads",
+                f"a transformer branch needs heads > 0, got {self.heads!r}",
+            )
+            _require(
+                self.width % self.heads == 0, "heads", f"width {self.width} is not divisible by heads {self.heads}"
+            )
         else:
-            _require(isinstance(self.kernel, int) and self.kernel > 0 and self.kernel % 2 == 1, "kernel", f"must be a positive odd integer, got {self.kernel!r}")
+            _require(
+                isinstance(self.kernel, int) and self.kernel > 0 and self.kernel % 2 == 1,
+                "kernel",
+                f"must be a positive odd integer, got {self.kernel!r}",
+            )
 
 
 @dataclass(frozen=True)
@@ -76,9 +90,17 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         _require(self.kind in ("scaled-linear", "linear", "cosine"), "schedule.kind", f"unknown schedule {self.kind!r}")
-        _require(isinstance(self.num_steps, int) and self.num_steps >= 2, "schedule.num_steps", f"must be an integer >= 2, got {self.num_steps!r}")
+        _require(
+            isinstance(self.num_steps, int) and self.num_steps >= 2,
+            "schedule.num_steps",
+            f"must be an integer >= 2, got {self.num_steps!r}",
+        )
         if self.kind != "cosine":
-            _require(0 < self.beta_start < self.beta_end < 1, "schedule.beta_start", f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+            _require(
+                0 < self.beta_start < self.beta_end < 1,
+                "schedule.beta_start",
+                f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}",
+            )
 
 
 @dataclass(frozen=True)
@@ -127,27 +149,79 @@ class ModelConfig:
         _require(len(self.branches) >= 1, "branches", "need at least one branch")
         for i, b in enumerate(self.branches):
             _require(isinstance(b, BranchSpec), f"branches[{i}]", f"must be a BranchSpec, got {type(b).__name__}")
-        _require(isinstance(self.channels, int) and self.channels > 0, "channels", f"must be a positive integer, got {self.channels!r}")
-        _require(isinstance(self.image_size, int) and self.image_size > 0, "image_size", f"must be a positive integer, got {self.image_size!r}")
-        _require(isinstance(self.num_classes, int) and self.num_classes >= 2, "num_classes", f"must count at least one class plus the null label, got {self.num_classes!r}")
-        _require(0 <= self.null_label < self.num_classes, "null_label", f"must be in [0, {self.num_classes}), got {self.null_label}")
+        _require(
+            isinstance(self.channels, int) and self.channels > 0,
+            "channels",
+            f"must be a positive integer, got {self.channels!r}",
+        )
+        _require(
+            isinstance(self.image_size, int) and self.image_size > 0,
+            "image_size",
+            f"must be a positive integer, got {self.image_size!r}",
+        )
+        _require(
+            isinstance(self.num_classes, int) and self.num_classes >= 2,
+            "num_classes",
+            f"must count at least one class plus the null label, got {self.num_classes!r}",
+        )
+        _require(
+            0 <= self.null_label < self.num_classes,
+            "null_label",
+            f"must be in [0, {self.num_classes}), got {self.null_label}",
+        )
         _require(self.norm == "td-rmsnorm", "norm", f"only 'td-rmsnorm' is supported, got {self.norm!r}")
-        _require(self.architecture in ("dimr", "unpatchify"), "architecture", f"must be 'dimr' or 'unpatchify', got {self.architecture!r}")
+        _require(
+            self.architecture in ("dimr", "unpatchify"),
+            "architecture",
+            f"must be 'dimr' or 'unpatchify', got {self.architecture!r}",
+        )
         if not self.loss_weights:
             object.__setattr__(self, "loss_weights", default_loss_weights(len(self.branches)))
-        _require(len(self.loss_weights) == len(self.branches), "loss_weights", f"need one weight per branch ({len(self.branches)}), got {len(self.loss_weights)}")
-        _require(all(w >= 0 and math.isfinite(w) for w in self.loss_weights), "loss_weights", "must be finite and non-negative")
+        _require(
+            len(self.loss_weights) == len(self.branches),
+            "loss_weights",
+            f"need one weight per branch ({len(self.branches)}), got {len(self.loss_weights)}",
+        )
+        _require(
+            all(w >= 0 and math.isfinite(w) for w in self.loss_weights),
+            "loss_weights",
+            "must be finite and non-negative",
+        )
         if self.class_names:
-            _require(len(self.class_names) == self.num_classes - 1, "class_names", f"need {self.num_classes - 1} names (one per class, null excluded), got {len(self.class_names)}")
+            _require(
+                len(self.class_names) == self.num_classes - 1,
+                "class_names",
+                f"need {self.num_classes - 1} names (one per class, null excluded), got {len(self.class_names)}",
+            )
         for i, b in enumerate(self.branches):
-            _require(b.grid * b.patch == self.image_size, f"branches[{i}].grid", f"grid {b.grid} x patch {b.patch} must equal image_size {self.image_size}")
+            _require(
+                b.grid * b.patch == self.image_size,
+                f"branches[{i}].grid",
+                f"grid {b.grid} x patch {b.patch} must equal image_size {self.image_size}",
+            )
         if self.architecture == "unpatchify":
-            _require(len(self.branches) == 1 and self.branches[0].kind == "transformer", "branches", "the unpatchify baseline has exactly one transformer branch")
+            _require(
+                len(self.branches) == 1 and self.branches[0].kind == "transformer",
+                "branches",
+                "the unpatchify baseline has exactly one transformer branch",
+            )
         else:
-            _require(self.branches[0].kind == "transformer", "branches[0].kind", "the coarsest DiMR branch must be a transformer")
+            _require(
+                self.branches[0].kind == "transformer",
+                "branches[0].kind",
+                "the coarsest DiMR branch must be a transformer",
+            )
             for i in range(1, len(self.branches)):
-                _require(self.branches[i].grid == 2 * self.branches[i - 1].grid, f"branches[{i}].grid", f"must be twice the previous branch's grid ({2 * self.branches[i - 1].grid}), got {self.branches[i].grid}")
-            _require(self.branches[-1].grid * self.branches[-1].patch == self.image_size, "branches", "the finest branch must cover the image")
+                _require(
+                    self.branches[i].grid == 2 * self.branches[i - 1].grid,
+                    f"branches[{i}].grid",
+                    f"must be twice the previous branch's grid ({2 * self.branches[i - 1].grid}), got {self.branches[i].grid}",
+                )
+            _require(
+                self.branches[-1].grid * self.branches[-1].patch == self.image_size,
+                "branches",
+                "the finest branch must cover the image",
+            )
 
     @property
     def latent(self) -> bool:

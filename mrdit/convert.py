@@ -72,7 +72,9 @@ def map_state_dict(ref: Mapping[str, torch.Tensor], expected: Mapping[str, tuple
         if key not in expected:
             problems.append(f"reference key {ref_key!r} maps to {key!r}, which this config does not have")
         elif tuple(tensor.shape) != tuple(expected[key]):
-            problems.append(f"reference key {ref_key!r}: shape {tuple(tensor.shape)} != expected {tuple(expected[key])} for {key!r}")
+            problems.append(
+                f"reference key {ref_key!r}: shape {tuple(tensor.shape)} != expected {tuple(expected[key])} for {key!r}"
+            )
         else:
             out[key] = tensor
     mapped = {map_key_safe(r) for r in ref}
@@ -81,7 +83,9 @@ def map_state_dict(ref: Mapping[str, torch.Tensor], expected: Mapping[str, tuple
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise CheckpointError(f"reference checkpoint does not match the config ({len(problems)} problems):\n  {shown}{more}")
+        raise CheckpointError(
+            f"reference checkpoint does not match the config ({len(problems)} problems):\n  {shown}{more}"
+        )
     return out
 
 
@@ -92,7 +96,9 @@ def map_key_safe(ref_key: str) -> str | None:
         return None
 
 
-def config_from_official(official: Mapping[str, Any], image_size: int | None = None, latent: bool = True) -> ModelConfig:
+def config_from_official(
+    official: Mapping[str, Any], image_size: int | None = None, latent: bool = True
+) -> ModelConfig:
     """Our config from the reference configuration (its `stage_configs` field names)."""
     if "official_config" in official:
         image_size = image_size or official.get("image_size")
@@ -121,8 +127,12 @@ def config_from_official(official: Mapping[str, Any], image_size: int | None = N
         raise CheckpointError(f"reference configuration is missing field {e}") from None
     size = image_size or branches[-1].grid * branches[-1].patch
     return ModelConfig(
-        branches=tuple(branches), channels=channels, image_size=size, num_classes=num_classes,
-        null_label=num_classes - 1, loss_weights=(),
+        branches=tuple(branches),
+        channels=channels,
+        image_size=size,
+        num_classes=num_classes,
+        null_label=num_classes - 1,
+        loss_weights=(),
         schedule=ScheduleConfig("scaled-linear"),
         autoencoder=AutoencoderConfig() if latent else None,
     )
@@ -169,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--preset", choices=list(PRESETS), help="our preset describing the checkpoint")
-    g.add_argument("--official-config", type=Path, help="JSON with the reference configuration (whole, or under 'official_config')")
+    g.add_argument(
+        "--official-config", type=Path, help="JSON with the reference configuration (whole, or under 'official_config')"
+    )
     p.add_argument("--pixel", action="store_true", help="pixel-space model (no latent autoencoder in the config)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     args = p.parse_args(argv)

@@ -19,7 +19,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 class TensorImageDataset:
     """uint8 NHWC images in memory, scaled to [-1, 1]. `flip_ok[label]` says whether flips suit a class."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str], flip_ok: list[bool] | None = None) -> None:
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str], flip_ok: list[bool] | None = None
+    ) -> None:
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
             raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
         if labels.shape != (images.shape[0],):
@@ -36,7 +38,9 @@ class TensorImageDataset:
     def image_size(self) -> int:
         return self.images.shape[1]
 
-    def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, indices: torch.Tensor, flips: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.images[indices].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
         y = self.labels[indices]
         if flips is not None:
@@ -53,7 +57,9 @@ def load_emoji(folder: str | Path, split: str, size: int) -> TensorImageDataset:
     key = f"images_{size}"
     if key not in shard:
         raise ValueError(f"{folder}/{split}.safetensors has no {size}px images (sizes: {meta.get('sizes')})")
-    return TensorImageDataset(shard[key], shard["labels"], [c["name"] for c in meta["classes"]], [c["flip"] for c in meta["classes"]])
+    return TensorImageDataset(
+        shard[key], shard["labels"], [c["name"] for c in meta["classes"]], [c["flip"] for c in meta["classes"]]
+    )
 
 
 class ImageFolderDataset:
@@ -66,7 +72,10 @@ class ImageFolderDataset:
         if not self.class_names:
             raise ValueError(f"{self.root}: no class folders")
         self.files: list[tuple[Path, int]] = [
-            (f, i) for i, c in enumerate(self.class_names) for f in sorted((self.root / c).rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES
+            (f, i)
+            for i, c in enumerate(self.class_names)
+            for f in sorted((self.root / c).rglob("*"))
+            if f.suffix.lower() in IMAGE_SUFFIXES
         ]
         if not self.files:
             raise ValueError(f"{self.root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -82,7 +91,9 @@ class ImageFolderDataset:
     def load(self, i: int) -> torch.Tensor:
         return center_crop_tensor(Image.open(self.files[i][0]), self.size)
 
-    def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, indices: torch.Tensor, flips: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.stack([self.load(int(i)) for i in indices])  # (B, 3, S, S)
         y = torch.tensor([self.files[int(i)][1] for i in indices])
         if flips is not None:
@@ -95,7 +106,9 @@ def center_crop_tensor(im: Image.Image, size: int) -> torch.Tensor:
     im = im.convert("RGB")
     w, h = im.size
     s = min(w, h)
-    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.Resampling.BICUBIC)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize(
+        (size, size), Image.Resampling.BICUBIC
+    )
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 

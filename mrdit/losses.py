@@ -22,9 +22,7 @@ def multiscale_targets(eps: torch.Tensor, sizes: Sequence[int]) -> list[torch.Te
     return targets
 
 
-def multiscale_loss(
-    preds: Sequence[torch.Tensor], eps: torch.Tensor, weights: Sequence[float]
-) -> torch.Tensor:
+def multiscale_loss(preds: Sequence[torch.Tensor], eps: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     """Per-sample loss sum_k c_k mean_{C,H,W} (eps_hat_k - target_k)^2, shape (B,)."""
     if len(preds) != len(weights):
         raise ValueError(f"got {len(preds)} predictions but {len(weights)} loss weights")
@@ -36,8 +34,13 @@ def multiscale_loss(
 
 
 def diffusion_loss(
-    model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, *, n: torch.Tensor | None = None,
-    eps: torch.Tensor | None = None, generator: torch.Generator | None = None,
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    n: torch.Tensor | None = None,
+    eps: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Noise x0 at DDPM steps n ~ U{1..N} and return the per-sample multi-scale loss, shape (B,)."""
     from .schedule import NoiseSchedule

@@ -27,7 +27,9 @@ class Branch(nn.Module):
     """One resolution branch. Reads the full input through its own patchify convolution, adds the
     upsampled features of the coarser branch (if any), runs U-ViT-skipped blocks and a head."""
 
-    def __init__(self, spec: BranchSpec, channels: int, num_classes: int, prev: BranchSpec | None, head: bool = True) -> None:
+    def __init__(
+        self, spec: BranchSpec, channels: int, num_classes: int, prev: BranchSpec | None, head: bool = True
+    ) -> None:
         super().__init__()
         self.spec = spec
         D = spec.width

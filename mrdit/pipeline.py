@@ -147,8 +147,14 @@ class Pipeline:
         raise InputError(f"class must be a name or an id, got {type(label).__name__}")
 
     def validate(
-        self, labels: Sequence[int | str] | int | str, seeds: Sequence[int] | int, steps: int, guidance: float, sampler: str,
-        guidance_schedule: str = "constant", guidance_power: float = 1.0,
+        self,
+        labels: Sequence[int | str] | int | str,
+        seeds: Sequence[int] | int,
+        steps: int,
+        guidance: float,
+        sampler: str,
+        guidance_schedule: str = "constant",
+        guidance_power: float = 1.0,
     ) -> Settings:
         """Check every setting once, with messages for users; returns the resolved recipe."""
         if isinstance(labels, (str, int)):
@@ -181,9 +187,14 @@ class Pipeline:
         if guidance_schedule not in ("constant", "power-cosine"):
             raise InputError(f"guidance schedule must be 'constant' or 'power-cosine', got {guidance_schedule!r}")
         return Settings(
-            labels=tuple(self.resolve_label(lb) for lb in labels), seeds=tuple(int(s) for s in seeds), steps=int(steps),
-            guidance=float(guidance), sampler=sampler, guidance_schedule=guidance_schedule,
-            guidance_power=float(guidance_power), model=self.name,
+            labels=tuple(self.resolve_label(lb) for lb in labels),
+            seeds=tuple(int(s) for s in seeds),
+            steps=int(steps),
+            guidance=float(guidance),
+            sampler=sampler,
+            guidance_schedule=guidance_schedule,
+            guidance_power=float(guidance_power),
+            model=self.name,
         )
 
     def decode_preview(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,8 +206,13 @@ class Pipeline:
 
     def preview(self, state: StepState) -> Preview:
         return Preview(
-            index=state.index, total=state.total, t=state.t, log_snr=state.log_snr, nfe=state.nfe,
-            x_t=self.decode_preview(state.x), branches=[self.decode_preview(x0) for x0 in state.x0],
+            index=state.index,
+            total=state.total,
+            t=state.t,
+            log_snr=state.log_snr,
+            nfe=state.nfe,
+            x_t=self.decode_preview(state.x),
+            branches=[self.decode_preview(x0) for x0 in state.x0],
         )
 
     def stream(self, settings: Settings, previews: bool = True) -> Iterator[tuple[StepState, Preview | None]]:
@@ -205,8 +221,15 @@ class Pipeline:
         noise, gens = noise_for_seeds(settings.seeds, (c.channels, c.image_size, c.image_size), self.device)
         labels = torch.tensor(settings.labels, device=self.device)
         for state in iterate(
-            self.model, noise, labels, sampler=settings.sampler, steps=settings.steps, guidance=settings.guidance,
-            guidance_schedule=settings.guidance_schedule, guidance_power=settings.guidance_power, generators=gens,
+            self.model,
+            noise,
+            labels,
+            sampler=settings.sampler,
+            steps=settings.steps,
+            guidance=settings.guidance,
+            guidance_schedule=settings.guidance_schedule,
+            guidance_power=settings.guidance_power,
+            generators=gens,
         ):
             yield state, (self.preview(state) if previews else None)
 
@@ -214,21 +237,34 @@ class Pipeline:
         return [Image.fromarray(a) for a in to_uint8(self.decoder(x).clamp(-1, 1))]
 
     def generate(
-        self, labels: Sequence[int | str] | int | str, seeds: Sequence[int] | int, steps: int = 25, guidance: float = 2.0,
-        sampler: str = "dpm++2m", keep_trajectory: bool = False, guidance_schedule: str = "constant", guidance_power: float = 1.0,
+        self,
+        labels: Sequence[int | str] | int | str,
+        seeds: Sequence[int] | int,
+        steps: int = 25,
+        guidance: float = 2.0,
+        sampler: str = "dpm++2m",
+        keep_trajectory: bool = False,
+        guidance_schedule: str = "constant",
+        guidance_power: float = 1.0,
     ) -> GenerationResult:
         settings = self.validate(labels, seeds, steps, guidance, sampler, guidance_schedule, guidance_power)
         t0 = time.perf_counter()
         trajectory: list[Preview] = []
         state = None
-        for state, pv in self.stream(settings, previews=keep_trajectory):
+        for state, pv in self.stream(settings, previews=keep_trajectory):  # noqa: B007 - the last state is the result
             if pv is not None:
                 trajectory.append(pv)
         assert state is not None
         t1 = time.perf_counter()
         images = self.to_images(state.x)
         t2 = time.perf_counter()
-        timings = {"sampling_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0, "per_image_s": (t2 - t0) / len(settings.labels), "nfe": state.nfe}
+        timings = {
+            "sampling_s": t1 - t0,
+            "decode_s": t2 - t1,
+            "total_s": t2 - t0,
+            "per_image_s": (t2 - t0) / len(settings.labels),
+            "nfe": state.nfe,
+        }
         return GenerationResult(images=images, settings=settings, trajectory=trajectory, timings=timings)
 
 

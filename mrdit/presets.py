@@ -19,8 +19,12 @@ def dimr_xl_2r() -> ModelConfig:
     """Released DiMR-XL/2R, ImageNet 256 on SD-VAE latents 4x32x32 (505,046,408 parameters)."""
     return ModelConfig(
         branches=(_transformer(960, 39, 16, 16, 2), _convnext(480, 21, 32, 1)),
-        channels=4, image_size=32, num_classes=1001, loss_weights=(0.25, 1.0),
-        schedule=ScheduleConfig("scaled-linear"), autoencoder=AutoencoderConfig(),
+        channels=4,
+        image_size=32,
+        num_classes=1001,
+        loss_weights=(0.25, 1.0),
+        schedule=ScheduleConfig("scaled-linear"),
+        autoencoder=AutoencoderConfig(),
     )
 
 
@@ -28,8 +32,12 @@ def dimr_g_2r() -> ModelConfig:
     """Released DiMR-G/2R, ImageNet 256 on SD-VAE latents 4x32x32 (1,056,352,904 parameters)."""
     return ModelConfig(
         branches=(_transformer(1152, 57, 16, 16, 2), _convnext(576, 29, 32, 1)),
-        channels=4, image_size=32, num_classes=1001, loss_weights=(0.25, 1.0),
-        schedule=ScheduleConfig("scaled-linear"), autoencoder=AutoencoderConfig(),
+        channels=4,
+        image_size=32,
+        num_classes=1001,
+        loss_weights=(0.25, 1.0),
+        schedule=ScheduleConfig("scaled-linear"),
+        autoencoder=AutoencoderConfig(),
     )
 
 
@@ -37,8 +45,12 @@ def dimr_xl_3r() -> ModelConfig:
     """DiMR-XL/3R for ImageNet 512 (latents 4x64x64) as reconstructed from the paper's numbers."""
     return ModelConfig(
         branches=(_transformer(960, 39, 16, 16, 4), _convnext(480, 21, 32, 2), _convnext(240, 21, 64, 1)),
-        channels=4, image_size=64, num_classes=1001, loss_weights=(0.25, 0.5, 1.0),
-        schedule=ScheduleConfig("scaled-linear"), autoencoder=AutoencoderConfig(),
+        channels=4,
+        image_size=64,
+        num_classes=1001,
+        loss_weights=(0.25, 0.5, 1.0),
+        schedule=ScheduleConfig("scaled-linear"),
+        autoencoder=AutoencoderConfig(),
     )
 
 
@@ -47,7 +59,10 @@ def emoji_32(num_classes: int = 13) -> ModelConfig:
     sized to train on two CPU cores and sample 4 images in a second or two)."""
     return ModelConfig(
         branches=(_transformer(128, 5, 4, 8, 4), _convnext(48, 3, 16, 2), _convnext(24, 3, 32, 1)),
-        channels=3, image_size=32, num_classes=num_classes, loss_weights=(0.25, 0.5, 1.0),
+        channels=3,
+        image_size=32,
+        num_classes=num_classes,
+        loss_weights=(0.25, 0.5, 1.0),
         schedule=ScheduleConfig("cosine"),
     )
 
@@ -56,7 +71,10 @@ def emoji_64(num_classes: int = 13) -> ModelConfig:
     """Demo: pixel space 3x64x64, 16x16 transformer -> 32x32 -> 64x64 ConvNeXt-like."""
     return ModelConfig(
         branches=(_transformer(192, 9, 6, 16, 4), _convnext(96, 5, 32, 2), _convnext(48, 5, 64, 1)),
-        channels=3, image_size=64, num_classes=num_classes, loss_weights=(0.25, 0.5, 1.0),
+        channels=3,
+        image_size=64,
+        num_classes=num_classes,
+        loss_weights=(0.25, 0.5, 1.0),
         schedule=ScheduleConfig("cosine"),
     )
 
@@ -68,8 +86,12 @@ def baseline_32(num_classes: int = 13) -> ModelConfig:
     expensive); matching both at once is impossible with 2x2 patches, so compute is kept close."""
     return ModelConfig(
         branches=(_transformer(96, 5, 4, 16, 2),),
-        channels=3, image_size=32, num_classes=num_classes, loss_weights=(1.0,),
-        schedule=ScheduleConfig("cosine"), architecture="unpatchify",
+        channels=3,
+        image_size=32,
+        num_classes=num_classes,
+        loss_weights=(1.0,),
+        schedule=ScheduleConfig("cosine"),
+        architecture="unpatchify",
     )
 
 
@@ -78,7 +100,9 @@ def tiny(channels: int = 3, image_size: int = 16, num_classes: int = 5) -> Model
     g = image_size // 4
     return ModelConfig(
         branches=(_transformer(32, 3, 2, g, 4), _convnext(16, 1, 2 * g, 2), _convnext(8, 1, 4 * g, 1)),
-        channels=channels, image_size=image_size, num_classes=num_classes,
+        channels=channels,
+        image_size=image_size,
+        num_classes=num_classes,
         schedule=ScheduleConfig("cosine"),
     )
 

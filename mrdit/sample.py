@@ -32,15 +32,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", choices=SAMPLERS, default="dpm++2m")
     p.add_argument("--out", type=Path, required=True, help="PNG grid of the final images")
     p.add_argument("--gif", type=Path, help="also write the trajectory (x_t and each branch's estimate) as a GIF")
-    p.add_argument("--display", type=int, default=96, help="panel size in the GIF and grid (nearest-neighbour, default 96)")
+    p.add_argument(
+        "--display", type=int, default=96, help="panel size in the GIF and grid (nearest-neighbour, default 96)"
+    )
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     try:
         pipe = Pipeline.from_pretrained(args.model, device=args.device)
         if args.num_images < 1:
             raise InputError("--num-images must be >= 1")
-        settings = pipe.validate(args.label, [args.seed + i for i in range(args.num_images)], args.steps, args.guidance,
-                                 args.sampler, args.guidance_schedule, args.guidance_power)
+        settings = pipe.validate(
+            args.label,
+            [args.seed + i for i in range(args.num_images)],
+            args.steps,
+            args.guidance,
+            args.sampler,
+            args.guidance_schedule,
+            args.guidance_power,
+        )
     except (InputError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

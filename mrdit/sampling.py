@@ -90,8 +90,17 @@ class _Evaluator:
     def state(self, index: int, total: int, x: torch.Tensor, t: torch.Tensor) -> StepState:
         s = self.schedule
         return StepState(
-            index=index, total=total, t=float(t), alpha=float(s.alpha(t)), sigma=float(s.sigma(t)),
-            log_snr=float(s.log_snr(t)), x=x, eps=self.eps, x0=self.x0, eval_t=self.t, nfe=self.nfe,
+            index=index,
+            total=total,
+            t=float(t),
+            alpha=float(s.alpha(t)),
+            sigma=float(s.sigma(t)),
+            log_snr=float(s.log_snr(t)),
+            x=x,
+            eps=self.eps,
+            x0=self.x0,
+            eval_t=self.t,
+            nfe=self.nfe,
         )
 
 
@@ -131,7 +140,11 @@ def _dpm_fast(ev: _Evaluator, x: torch.Tensor, steps: int) -> Iterator[StepState
                 s2 = ns.inverse_log_snr(lam[0] + r2 * h)
                 phi_12 = torch.expm1(-r2 * h)
                 phi_22 = phi_12 / (r2 * h) + 1
-                u2 = (ns.sigma(s2) / sigma_s) * x - ns.alpha(s2) * phi_12 * d_s + (r2 / r1) * ns.alpha(s2) * phi_22 * (d_s1 - d_s)
+                u2 = (
+                    (ns.sigma(s2) / sigma_s) * x
+                    - ns.alpha(s2) * phi_12 * d_s
+                    + (r2 / r1) * ns.alpha(s2) * phi_22 * (d_s1 - d_s)
+                )
                 d_s2 = ev(u2, s2)
                 phi_2 = phi_1 / h + 1
                 x = (sigma_t / sigma_s) * x - alpha_t * phi_1 * d_s + (1.0 / r2) * alpha_t * phi_2 * (d_s2 - d_s)
@@ -177,7 +190,9 @@ def _ddim(
         a_s, s_s, a_t = ns.alpha(s), ns.sigma(s), ns.alpha(t)
         eps = (x - a_s * x0) / s_s  # the eps consistent with the data prediction
         abar_s, abar_t = a_s**2, a_t**2
-        noise_std = eta * torch.sqrt(((1 - abar_t) / (1 - abar_s)) * (1 - abar_s / abar_t)) if float(t) > 0 else torch.zeros(())
+        noise_std = (
+            eta * torch.sqrt(((1 - abar_t) / (1 - abar_s)) * (1 - abar_s / abar_t)) if float(t) > 0 else torch.zeros(())
+        )
         x = a_t * x0 + torch.sqrt((1 - abar_t - noise_std**2).clamp(min=0)) * eps
         if float(noise_std) > 0:
             x = x + noise_std * _noise_like(x, generators)
@@ -246,14 +261,16 @@ def iterate(
 
 def sample(model: torch.nn.Module, noise: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
     """The final x of `iterate(model, noise, labels, **kwargs)`."""
-    state = None
-    for state in iterate(model, noise, labels, **kwargs):
+    last = None
+    for last in iterate(model, noise, labels, **kwargs):  # noqa: B007 - draining the generator is the point
         pass
-    assert state is not None
-    return state.x
+    assert last is not None
+    return last.x
 
 
-def noise_for_seeds(seeds: Sequence[int], shape: tuple[int, ...], device: str | torch.device = "cpu") -> tuple[torch.Tensor, list[torch.Generator]]:
+def noise_for_seeds(
+    seeds: Sequence[int], shape: tuple[int, ...], device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, list[torch.Generator]]:
     """Starting noise with one generator per image, so a seed gives the same image in any batch.
 
     Returns the noise (B, *shape) and the generators (advanced past it) for any later noise.

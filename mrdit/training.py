@@ -160,7 +160,12 @@ def batch_indices(step: int, n: int, global_batch: int, seed: int, rank: int = 0
 
 
 def noisy_batch(
-    x0: torch.Tensor, y: torch.Tensor, schedule: NoiseSchedule, null_label: int, label_dropout: float, generator: torch.Generator
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    schedule: NoiseSchedule,
+    null_label: int,
+    label_dropout: float,
+    generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw steps n ~ U{1..N}, noise and label dropout from `generator` (on the CPU, for exact resume)."""
     B = x0.shape[0]
@@ -174,8 +179,16 @@ def noisy_batch(
 
 
 def train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: Any, xn: torch.Tensor, n: torch.Tensor,
-    y: torch.Tensor, eps: torch.Tensor, loss_weights: tuple[float, ...], lr: float, grad_clip: float,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Any,
+    xn: torch.Tensor,
+    n: torch.Tensor,
+    y: torch.Tensor,
+    eps: torch.Tensor,
+    loss_weights: tuple[float, ...],
+    lr: float,
+    grad_clip: float,
 ) -> dict[str, float]:
     """One optimisation step on a noised batch; returns metrics (loss, per-branch loss, grad norm)."""
     for g in optimizer.param_groups:

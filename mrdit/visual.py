@@ -103,7 +103,9 @@ def branch_headers(config) -> list[str]:
     return heads
 
 
-def panel_sheet(x_t: torch.Tensor, branches: Sequence[torch.Tensor], display: int, headers: Sequence[str] | None = None) -> np.ndarray:
+def panel_sheet(
+    x_t: torch.Tensor, branches: Sequence[torch.Tensor], display: int, headers: Sequence[str] | None = None
+) -> np.ndarray:
     """All panels of a step for a batch, one row per image: x_t, each branch's estimate (coarse to fine),
     then what each finer branch added (signed heat map of finer minus upsampled coarser), all at one
     display size with nearest-neighbour upscaling. Optional column headers on top."""
@@ -112,7 +114,9 @@ def panel_sheet(x_t: torch.Tensor, branches: Sequence[torch.Tensor], display: in
     B = x_t.shape[0]
     tiles = []
     for i in range(B):
-        row = [upscale_nearest(to_uint8(x_t[i]), display)] + [upscale_nearest(to_uint8(b[i]), display) for b in branches]
+        row = [upscale_nearest(to_uint8(x_t[i]), display)] + [
+            upscale_nearest(to_uint8(b[i]), display) for b in branches
+        ]
         for k in range(1, len(branches)):
             add = branch_addition(branches[k][i : i + 1].float(), branches[k - 1][i : i + 1].float())[0]
             row.append(upscale_nearest(signed_heatmap(add, scale=1.0), display))

@@ -79,17 +79,32 @@ def _tgz(path: Path, members: dict[str, bytes]) -> None:
 def make_fake_npm(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     emoji = [
-        {"unified": c.upper(), "image": f"{c}.png", "category": cat, "subcategory": sub, "short_name": c,
-         "has_img_twitter": True, "has_img_google": True}
+        {
+            "unified": c.upper(),
+            "image": f"{c}.png",
+            "category": cat,
+            "subcategory": sub,
+            "short_name": c,
+            "has_img_twitter": True,
+            "has_img_google": True,
+        }
         for c, cat, sub in FAKE_EMOJI
     ]
     ej = json.dumps(emoji).encode()
-    _tgz(folder / "emoji-datasource-twitter-16.0.0.tgz",
-         {"package/emoji.json": ej} | {f"package/img/twitter/64/{c}.png": _png(c, s, 0, 64, "PNG") for c, _, s in FAKE_EMOJI})
-    _tgz(folder / "emoji-datasource-google-16.0.0.tgz",
-         {"package/emoji.json": ej} | {f"package/img/google/64/{c}.png": _png(c, s, 1, 64, "PNG") for c, _, s in FAKE_EMOJI})
-    _tgz(folder / "lobehub-fluent-emoji-3d-1.1.0.tgz",
-         {f"package/assets/{c.replace('-fe0f', '')}.webp": _png(c, s, 2, 256, "WEBP") for c, _, s in FAKE_EMOJI})
+    _tgz(
+        folder / "emoji-datasource-twitter-16.0.0.tgz",
+        {"package/emoji.json": ej}
+        | {f"package/img/twitter/64/{c}.png": _png(c, s, 0, 64, "PNG") for c, _, s in FAKE_EMOJI},
+    )
+    _tgz(
+        folder / "emoji-datasource-google-16.0.0.tgz",
+        {"package/emoji.json": ej}
+        | {f"package/img/google/64/{c}.png": _png(c, s, 1, 64, "PNG") for c, _, s in FAKE_EMOJI},
+    )
+    _tgz(
+        folder / "lobehub-fluent-emoji-3d-1.1.0.tgz",
+        {f"package/assets/{c.replace('-fe0f', '')}.webp": _png(c, s, 2, 256, "WEBP") for c, _, s in FAKE_EMOJI},
+    )
     return folder
 
 
@@ -101,6 +116,22 @@ def fake_npm(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def emoji_data(tmp_path_factory, fake_npm) -> Path:
     out = tmp_path_factory.mktemp("data") / "emoji"
-    subprocess.run([sys.executable, str(ROOT / "train" / "prepare_emoji.py"), "--out", str(out), "--npm-dir", str(fake_npm),
-                    "--no-fetch", "--sizes", "16", "32", "--val-fraction", "0.25"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train" / "prepare_emoji.py"),
+            "--out",
+            str(out),
+            "--npm-dir",
+            str(fake_npm),
+            "--no-fetch",
+            "--sizes",
+            "16",
+            "32",
+            "--val-fraction",
+            "0.25",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return out

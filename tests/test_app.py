@@ -64,21 +64,36 @@ def test_released_models_offline_give_a_clear_message(weights, monkeypatch, tmp_
         list(app.generate("face", 0, 3, 2.0, "ddim", 1, name))
 
 
-@pytest.mark.parametrize("args", [
-    ("nope", 0, 5, 2.0, "ddim", 1), ("face", -1, 5, 2.0, "ddim", 1), ("face", 0, 0, 2.0, "ddim", 1),
-    ("face", 0, 5, float("nan"), "ddim", 1), ("face", 0, 5, float("inf"), "ddim", 1), ("face", 0, 5, -2.0, "ddim", 1),
-    ("face", 0, 5, 2.0, "euler", 1), ("face", 0, 5, 2.0, "ddim", 99), ("face", 2**64, 5, 2.0, "ddim", 1),
-    ("face", 1.5, 5, 2.0, "ddim", 1), ("face", "abc", 5, 2.0, "ddim", 1), (None, 0, 5, 2.0, "ddim", 1),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("nope", 0, 5, 2.0, "ddim", 1),
+        ("face", -1, 5, 2.0, "ddim", 1),
+        ("face", 0, 0, 2.0, "ddim", 1),
+        ("face", 0, 5, float("nan"), "ddim", 1),
+        ("face", 0, 5, float("inf"), "ddim", 1),
+        ("face", 0, 5, -2.0, "ddim", 1),
+        ("face", 0, 5, 2.0, "euler", 1),
+        ("face", 0, 5, 2.0, "ddim", 99),
+        ("face", 2**64, 5, 2.0, "ddim", 1),
+        ("face", 1.5, 5, 2.0, "ddim", 1),
+        ("face", "abc", 5, 2.0, "ddim", 1),
+        (None, 0, 5, 2.0, "ddim", 1),
+    ],
+)
 def test_bad_inputs_are_gr_errors(weights, args):
     with pytest.raises(gr.Error):
         list(app.generate(*args, model="tiny"))
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.one_of(st.text(max_size=8), st.integers(-5, 5)), st.one_of(st.integers(-3, 2**64), st.floats(allow_nan=True)),
-       st.one_of(st.integers(-2, 3), st.floats(allow_nan=True)), st.floats(allow_nan=True, allow_infinity=True),
-       st.sampled_from(["ddim", "dpm++2m", "x", ""]))
+@given(
+    st.one_of(st.text(max_size=8), st.integers(-5, 5)),
+    st.one_of(st.integers(-3, 2**64), st.floats(allow_nan=True)),
+    st.one_of(st.integers(-2, 3), st.floats(allow_nan=True)),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["ddim", "dpm++2m", "x", ""]),
+)
 def test_fuzz_inputs_give_results_or_gr_errors(class_label, seed, steps, guidance, sampler):
     old = app.WEIGHTS
     try:
@@ -132,9 +147,17 @@ def test_live_server_with_gradio_client(weights):
         assert len(final) == 4  # the default number of images
         assert "done" in status and Path(panels).is_file()
         # class ids work too; bad input is a clean error and the server keeps serving
-        assert "done" in client.predict(class_label="1", seed=2, steps=3, guidance=1.0, sampler="ddpm", api_name="/generate")[2]
+        assert (
+            "done"
+            in client.predict(class_label="1", seed=2, steps=3, guidance=1.0, sampler="ddpm", api_name="/generate")[2]
+        )
         with pytest.raises(Exception, match="unknown class"):
             client.predict(class_label="dragon", seed=1, steps=3, guidance=2.0, sampler="ddim", api_name="/generate")
-        assert "done" in client.predict(class_label="face", seed=1, steps=3, guidance=2.0, sampler="ddim", api_name="/generate")[2]
+        assert (
+            "done"
+            in client.predict(class_label="face", seed=1, steps=3, guidance=2.0, sampler="ddim", api_name="/generate")[
+                2
+            ]
+        )
     finally:
         demo.close()

@@ -12,11 +12,18 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
-import app  # noqa: E402
 from test_app import free_port  # noqa: E402
 
+import app  # noqa: E402
+
 CHROMIUM = shutil.which("chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +50,9 @@ def server(tmp_path_factory):
     app.MODELS.items.clear()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is installed by `make test` (.ci/run); not on this machine")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian chromium is installed by `make test` (.ci/run); not on this machine"
+)
 def test_browser_flow(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import mrdit.checkpoint as ckpt
 from mrdit import CheckpointError, build_model, get_preset, load_model, save_model
-from mrdit.convert import convert, main as convert_main
+from mrdit.convert import convert
+from mrdit.convert import main as convert_main
 
 
 def _inputs(cfg, B=2):
@@ -170,7 +171,9 @@ def test_hub_repo_id_uses_snapshot_download(tiny_model_dir, tmp_path, monkeypatc
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     m = load_model("someone/mrdit-tiny")
     assert calls["repo_id"] == "someone/mrdit-tiny"
-    assert "*.safetensors" in calls["allow_patterns"] and not any("bin" in p or "pt" in p for p in calls["allow_patterns"])
+    assert "*.safetensors" in calls["allow_patterns"] and not any(
+        "bin" in p or "pt" in p for p in calls["allow_patterns"]
+    )
     assert m.config.num_classes == 3
 
 
@@ -201,27 +204,43 @@ def test_converter_refuses_code_in_pickles(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-
 def test_converter_cli_and_leftovers(tmp_path):
     from conftest import PARITY
 
     ref = load_file(str(PARITY / "tiny_2r.official.safetensors"))
     torch.save(ref, tmp_path / "ref.pth")
-    code = convert_main([str(tmp_path / "ref.pth"), "--out", str(tmp_path / "ok"), "--official-config", str(PARITY / "tiny_2r.json")])
+    code = convert_main(
+        [str(tmp_path / "ref.pth"), "--out", str(tmp_path / "ok"), "--official-config", str(PARITY / "tiny_2r.json")]
+    )
     assert code == 0 and (tmp_path / "ok" / "config.json").is_file()
     cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
     assert cfg["schedule"]["kind"] == "scaled-linear" and cfg["null_label"] == 1000
     assert cfg["autoencoder"]["scale_factor"] == 0.18215
     ref["stages.0.unknown.weight"] = torch.zeros(1)
     save_file(ref, str(tmp_path / "extra.safetensors"))
-    assert convert_main([str(tmp_path / "extra.safetensors"), "--out", str(tmp_path / "bad"), "--official-config", str(PARITY / "tiny_2r.json")]) == 1
+    assert (
+        convert_main(
+            [
+                str(tmp_path / "extra.safetensors"),
+                "--out",
+                str(tmp_path / "bad"),
+                "--official-config",
+                str(PARITY / "tiny_2r.json"),
+            ]
+        )
+        == 1
+    )
     del ref["stages.0.unknown.weight"]
     del ref["stages.1.skip_denses.0.bias"]
     save_file(ref, str(tmp_path / "short.safetensors"))
     with pytest.raises(CheckpointError, match="branches.1.skips.0.bias"):
         from mrdit.convert import config_from_official
 
-        convert(tmp_path / "short.safetensors", tmp_path / "bad2", config_from_official(json.loads((PARITY / "tiny_2r.json").read_text())))
+        convert(
+            tmp_path / "short.safetensors",
+            tmp_path / "bad2",
+            config_from_official(json.loads((PARITY / "tiny_2r.json").read_text())),
+        )
 
 
 def test_interrupted_save_leaves_previous_file(tiny_model_dir, tmp_path, monkeypatch):

@@ -23,23 +23,32 @@ def test_unknown_preset_lists_known():
         get_preset("dimr-xxl")
 
 
-@pytest.mark.parametrize("change,field", [
-    (dict(channels=0), "channels"),
-    (dict(num_classes=1), "num_classes"),
-    (dict(null_label=99), "null_label"),
-    (dict(loss_weights=(1.0,)), "loss_weights"),
-    (dict(image_size=30), r"branches\[0\].grid"),
-    (dict(norm="layernorm"), "norm"),
-    (dict(class_names=("a",)), "class_names"),
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (dict(channels=0), "channels"),
+        (dict(num_classes=1), "num_classes"),
+        (dict(null_label=99), "null_label"),
+        (dict(loss_weights=(1.0,)), "loss_weights"),
+        (dict(image_size=30), r"branches\[0\].grid"),
+        (dict(norm="layernorm"), "norm"),
+        (dict(class_names=("a",)), "class_names"),
+    ],
+)
 def test_model_config_errors_name_the_field(change, field):
     with pytest.raises(ConfigError, match=f"^{field}"):
         get_preset("tiny").replace(**change)
 
 
-@pytest.mark.parametrize("kw,field", [
-    (dict(blocks=4), "blocks"), (dict(heads=3), "heads"), (dict(width=0), "width"), (dict(kind="mlp"), "kind"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(blocks=4), "blocks"),
+        (dict(heads=3), "heads"),
+        (dict(width=0), "width"),
+        (dict(kind="mlp"), "kind"),
+    ],
+)
 def test_branch_errors_name_the_field(kw, field):
     base = dict(kind="transformer", width=32, blocks=3, grid=4, patch=4, mlp_width=64, heads=2)
     with pytest.raises(ConfigError, match=f"^{field}"):
@@ -52,11 +61,18 @@ def test_unknown_json_field_is_refused():
         ModelConfig.from_dict(d)
 
 
-branch_kw = st.fixed_dictionaries({
-    "kind": st.sampled_from(["transformer", "convnext", "mlp", ""]),
-    "width": st.integers(-2, 64), "blocks": st.integers(-1, 6), "grid": st.integers(0, 9), "patch": st.integers(0, 5),
-    "mlp_width": st.integers(-1, 64), "heads": st.integers(-1, 5), "kernel": st.integers(-1, 8),
-})
+branch_kw = st.fixed_dictionaries(
+    {
+        "kind": st.sampled_from(["transformer", "convnext", "mlp", ""]),
+        "width": st.integers(-2, 64),
+        "blocks": st.integers(-1, 6),
+        "grid": st.integers(0, 9),
+        "patch": st.integers(0, 5),
+        "mlp_width": st.integers(-1, 64),
+        "heads": st.integers(-1, 5),
+        "kernel": st.integers(-1, 8),
+    }
+)
 
 
 @settings(max_examples=200, deadline=None)

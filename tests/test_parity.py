@@ -70,14 +70,26 @@ def test_loss_matches_reference(parity):
 
 @pytest.mark.parametrize(
     "key,steps,guidance,schedule",
-    [("none_s10", 10, 1.0, "constant"), ("const0.4_s12", 12, 1.4, "constant"), ("decay2.0p1.0_s12", 12, 2.0, "power-cosine")],
+    [
+        ("none_s10", 10, 1.0, "constant"),
+        ("const0.4_s12", 12, 1.4, "constant"),
+        ("decay2.0p1.0_s12", 12, 2.0, "power-cosine"),
+    ],
 )
 def test_dpm_fast_matches_reference(parity, key, steps, guidance, schedule):
     _, meta, model, io = parity
     run = meta["sampling_runs"][key]
     assert run["steps"] == steps
-    x = sample(model, io["sample.z"], io["sample.y"], sampler="dpm-fast", steps=steps, guidance=guidance,
-               guidance_schedule=schedule, guidance_power=1.0)
+    x = sample(
+        model,
+        io["sample.z"],
+        io["sample.y"],
+        sampler="dpm-fast",
+        steps=steps,
+        guidance=guidance,
+        guidance_schedule=schedule,
+        guidance_power=1.0,
+    )
     assert rel_err(x, io[f"sample.{key}"]) < 1e-4
 
 
@@ -86,9 +98,13 @@ def _keys(path):
     return {k: ast.literal_eval(s) for k, s in (line.split("\t") for line in lines)}
 
 
-@pytest.mark.parametrize("preset,tsv,count", [
-    ("dimr-xl-2r", "dimr_xl_2r_keys.tsv", 505_046_408), ("dimr-g-2r", "dimr_g_2r_keys.tsv", 1_056_352_904),
-])
+@pytest.mark.parametrize(
+    "preset,tsv,count",
+    [
+        ("dimr-xl-2r", "dimr_xl_2r_keys.tsv", 505_046_408),
+        ("dimr-g-2r", "dimr_g_2r_keys.tsv", 1_056_352_904),
+    ],
+)
 def test_released_checkpoint_keys_map_exactly(preset, tsv, count):
     model = build_model(preset, device="meta")
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}

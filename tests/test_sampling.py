@@ -23,8 +23,13 @@ class GaussianDenoiser(nn.Module):
     def __init__(self, schedule_kind: str = "cosine") -> None:
         super().__init__()
         self.config = ModelConfig(
-            branches=(BranchSpec("transformer", 8, 1, 4, 2, 16, heads=1),), channels=1, image_size=8, num_classes=2,
-            architecture="unpatchify", schedule=ScheduleConfig(schedule_kind), clip_x0=False,
+            branches=(BranchSpec("transformer", 8, 1, 4, 2, 16, heads=1),),
+            channels=1,
+            image_size=8,
+            num_classes=2,
+            architecture="unpatchify",
+            schedule=ScheduleConfig(schedule_kind),
+            clip_x0=False,
         )
         self.schedule = NoiseSchedule(self.config.schedule)
         self.calls = 0
@@ -71,9 +76,15 @@ def tiny():
     return build_model(get_preset("tiny").replace(num_classes=3, null_label=2)).eval()
 
 
-@pytest.mark.parametrize("sampler,steps,updates,nfe", [
-    ("dpm-fast", 10, 4, 10), ("dpm++2m", 7, 7, 7), ("ddim", 5, 5, 5), ("ddpm", 5, 5, 5),
-])
+@pytest.mark.parametrize(
+    "sampler,steps,updates,nfe",
+    [
+        ("dpm-fast", 10, 4, 10),
+        ("dpm++2m", 7, 7, 7),
+        ("ddim", 5, 5, 5),
+        ("ddpm", 5, 5, 5),
+    ],
+)
 def test_states_per_update(tiny, sampler, steps, updates, nfe):
     noise, gens = noise_for_seeds([0, 1], (3, 16, 16))
     states = list(iterate(tiny, noise, torch.tensor([0, 1]), sampler=sampler, steps=steps, generators=gens))
@@ -149,10 +160,17 @@ def test_power_cosine_rises_from_one_to_max():
     assert power_cosine_weight(500, 1000, 4.0, 1.0) == pytest.approx(2.5)
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(sampler="euler"), "sampler"), (dict(steps=0), "steps"), (dict(steps=2.5), "steps"),
-    (dict(guidance=float("nan")), "guidance"), (dict(guidance=-1.0), "guidance"), (dict(guidance_schedule="linear"), "guidance_schedule"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(sampler="euler"), "sampler"),
+        (dict(steps=0), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(guidance=float("nan")), "guidance"),
+        (dict(guidance=-1.0), "guidance"),
+        (dict(guidance_schedule="linear"), "guidance_schedule"),
+    ],
+)
 def test_bad_arguments(tiny, kw, msg):
     args = dict(sampler="ddim", steps=3) | kw
     with pytest.raises(ValueError, match=msg):
@@ -173,8 +191,26 @@ def test_cli_writes_grid_and_gif(tiny_model_dir, tmp_path):
 
     from mrdit.sample import main
 
-    code = main(["--model", str(tiny_model_dir), "--class", "heart", "--seed", "3", "--steps", "4", "--num-images", "2",
-                 "--sampler", "ddim", "--out", str(tmp_path / "g.png"), "--gif", str(tmp_path / "t.gif")])
+    code = main(
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--class",
+            "heart",
+            "--seed",
+            "3",
+            "--steps",
+            "4",
+            "--num-images",
+            "2",
+            "--sampler",
+            "ddim",
+            "--out",
+            str(tmp_path / "g.png"),
+            "--gif",
+            str(tmp_path / "t.gif"),
+        ]
+    )
     assert code == 0
     assert Image.open(tmp_path / "g.png").size[0] > 96
     gif = Image.open(tmp_path / "t.gif")
@@ -190,12 +226,24 @@ def test_latent_model_decodes_with_tiny_autoencoder(tmp_path):
     from mrdit.config import AutoencoderConfig
     from mrdit.pipeline import LatentDecoder, Pipeline
 
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                                  up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
-                                  latent_channels=4, layers_per_block=1, norm_num_groups=4, sample_size=32)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=32,
+    )
     vae.save_pretrained(tmp_path / "vae")
-    cfg = get_preset("tiny").replace(channels=4, num_classes=3, null_label=2,
-                                     autoencoder=AutoencoderConfig(repo_id=str(tmp_path / "vae"), scale_factor=0.5, downsample=2))
+    cfg = get_preset("tiny").replace(
+        channels=4,
+        num_classes=3,
+        null_label=2,
+        autoencoder=AutoencoderConfig(repo_id=str(tmp_path / "vae"), scale_factor=0.5, downsample=2),
+    )
     save_model(build_model(cfg), tmp_path / "latent")
     pipe = Pipeline.from_pretrained(tmp_path / "latent")
     assert isinstance(pipe.decoder, LatentDecoder) and pipe.decoder.scale_factor == 0.5

@@ -35,7 +35,11 @@ ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def _config(tmp_path, data, **over) -> Path:
-    cfg = json.loads((ROOT / "train" / "configs" / "tiny.json").read_text()) | {"data_path": str(data), "threads": 1} | over
+    cfg = (
+        json.loads((ROOT / "train" / "configs" / "tiny.json").read_text())
+        | {"data_path": str(data), "threads": 1}
+        | over
+    )
     p = tmp_path / "cfg.json"
     p.write_text(json.dumps(cfg))
     return p
@@ -145,7 +149,13 @@ def test_state_write_is_atomic_and_falls_back(tmp_path, monkeypatch):
 
 
 def _run(cfg, run, *extra, timeout=300):
-    return subprocess.run([*TRAIN, "--config", str(cfg), "--run-dir", str(run), *extra], env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*TRAIN, "--config", str(cfg), "--run-dir", str(run), *extra],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_run_folder_and_kill_resume_is_exact(tmp_path, emoji_data):
@@ -153,14 +163,26 @@ def test_run_folder_and_kill_resume_is_exact(tmp_path, emoji_data):
     ref = tmp_path / "ref"
     r = _run(cfg, ref)
     assert r.returncode == 0, r.stderr[-2000:]
-    for f in ("train_config.json", "model_config.json", "metrics.jsonl", "command.txt", "DONE", "ema/model.safetensors"):
+    for f in (
+        "train_config.json",
+        "model_config.json",
+        "metrics.jsonl",
+        "command.txt",
+        "DONE",
+        "ema/model.safetensors",
+    ):
         assert (ref / f).exists(), f
     assert list((ref / "samples").glob("*.png"))
     assert len((ref / "metrics.jsonl").read_text().splitlines()) >= 4
 
     run = tmp_path / "killed"
     for attempt in range(3):  # kill at a different moment each time
-        p = subprocess.Popen([*TRAIN, "--config", str(cfg), "--run-dir", str(run)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            [*TRAIN, "--config", str(cfg), "--run-dir", str(run)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.time() + 120
         target = 4 * (attempt + 1)
         while time.time() < deadline and not any(s >= target for s, _ in list_states(run)):
@@ -187,7 +209,13 @@ def test_run_folder_and_kill_resume_is_exact(tmp_path, emoji_data):
 def test_sigterm_saves_and_exits_cleanly(tmp_path, emoji_data):
     cfg = _config(tmp_path, emoji_data, steps=100000, save_every=100000, sample_every=0)
     run = tmp_path / "term"
-    p = subprocess.Popen([*TRAIN, "--config", str(cfg), "--run-dir", str(run)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    p = subprocess.Popen(
+        [*TRAIN, "--config", str(cfg), "--run-dir", str(run)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "metrics.jsonl").is_file():
         time.sleep(0.05)
@@ -210,8 +238,23 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
     cfg = _config(tmp_path, emoji_data, steps=6, save_every=3, sample_every=0)
     run = tmp_path / "run"
     assert _run(cfg, run).returncode == 0
-    r = subprocess.run([sys.executable, str(ROOT / "train" / "export.py"), str(run), "--name", "tiny-emoji", "--weights-dir", str(tmp_path / "w"), "--dtype", "float16"],
-                       env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train" / "export.py"),
+            str(run),
+            "--name",
+            "tiny-emoji",
+            "--weights-dir",
+            str(tmp_path / "w"),
+            "--dtype",
+            "float16",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "w" / "tiny-emoji"
     card = (out / "README.md").read_text()
@@ -232,8 +275,25 @@ def test_two_process_ddp_trains_and_exports_once(tmp_path, emoji_data):
     run = tmp_path / "ddp"
     # accelerate's --cpu launcher starts one process unless MPI is present; its torchrun path (--multi_gpu)
     # starts two, and each uses the CPU with gloo when there is no GPU.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "train.py"), "--config", str(cfg), "--run-dir", str(run)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "train" / "train.py"),
+        "--config",
+        str(cfg),
+        "--run-dir",
+        str(run),
+    ]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "processes: 2" in r.stdout

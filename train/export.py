@@ -43,7 +43,11 @@ def card(name: str, mc: ModelConfig, n_params: int, run_info: dict, evaluation: 
         f"| {k} | {b.kind} | {b.grid}x{b.grid} (patch {b.patch}) | {b.width} | {b.blocks} | {b.heads or '-'} |"
         for k, b in enumerate(mc.branches)
     )
-    arch = "DiMR (multi-resolution)" if mc.architecture == "dimr" else "single-resolution baseline (transformer + linear unpatchify head)"
+    arch = (
+        "DiMR (multi-resolution)"
+        if mc.architecture == "dimr"
+        else "single-resolution baseline (transformer + linear unpatchify head)"
+    )
     classes = ", ".join(mc.class_names)
     if evaluation:
         quality = (
@@ -89,9 +93,9 @@ Noise schedule: {mc.schedule.kind}, {mc.schedule.num_steps} steps; loss weights 
 
 ## Training
 
-- Command: `{run_info.get('command', '?')}`
-- Steps: {run_info.get('step', '?')} at batch {run_info.get('batch_size', '?')}; wall time {run_info.get('elapsed_min', '?')} min
-- Hardware: {run_info.get('hardware', '?')}
+- Command: `{run_info.get("command", "?")}`
+- Steps: {run_info.get("step", "?")} at batch {run_info.get("batch_size", "?")}; wall time {run_info.get("elapsed_min", "?")} min
+- Hardware: {run_info.get("hardware", "?")}
 - Data: `python train/prepare_emoji.py` (three emoji styles from the npm registry, 12 classes, 32 px)
 
 ## Data, licences and attribution
@@ -130,8 +134,11 @@ def export(run: Path, out: Path, dtype: torch.dtype = torch.float32, samples: bo
     done = json.loads((run / "DONE").read_text()) if (run / "DONE").is_file() else {}
     commands = (run / "command.txt").read_text().strip().splitlines() if (run / "command.txt").is_file() else ["?"]
     run_info = {
-        "command": "python " + commands[0], "step": state["step"], "batch_size": train_cfg["batch_size"],
-        "elapsed_min": f"{state.get('elapsed', 0) / 60:.0f}", "hardware": done.get("hardware", "see run folder"),
+        "command": "python " + commands[0],
+        "step": state["step"],
+        "batch_size": train_cfg["batch_size"],
+        "elapsed_min": f"{state.get('elapsed', 0) / 60:.0f}",
+        "hardware": done.get("hardware", "see run folder"),
     }
     (out / "run_info.json").write_text(json.dumps(run_info, indent=2))
     write_card(out)
@@ -155,7 +162,9 @@ def write_card(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("run", type=Path, help="run folder of train/train.py")
     p.add_argument("--name", required=True, help="model name; written to WEIGHTS_DIR/NAME")
     p.add_argument("--weights-dir", type=Path, default=Path("weights"))

@@ -30,7 +30,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 PACKAGES = {
-    "twemoji": ("emoji-datasource-twitter@16.0.0", "emoji-datasource-twitter-16.0.0.tgz", "package/img/twitter/64/{image}"),
+    "twemoji": (
+        "emoji-datasource-twitter@16.0.0",
+        "emoji-datasource-twitter-16.0.0.tgz",
+        "package/img/twitter/64/{image}",
+    ),
     "noto": ("emoji-datasource-google@16.0.0", "emoji-datasource-google-16.0.0.tgz", "package/img/google/64/{image}"),
     "fluent": ("@lobehub/fluent-emoji-3d@1.1.0", "lobehub-fluent-emoji-3d-1.1.0.tgz", "package/assets/{code}.webp"),
 }
@@ -43,7 +47,12 @@ CLASSES: list[tuple[str, str, list[tuple[str, str]], bool]] = [
     ("animal", "\U0001f98a", [("Animals & Nature", "animal-")], True),
     ("plant", "\U0001f33b", [("Animals & Nature", "plant-")], True),
     ("fruit & vegetable", "\U0001f34e", [("Food & Drink", "food-fruit"), ("Food & Drink", "food-vegetable")], True),
-    ("prepared food", "\U0001f354", [("Food & Drink", "food-prepared"), ("Food & Drink", "food-asian"), ("Food & Drink", "food-sweet")], True),
+    (
+        "prepared food",
+        "\U0001f354",
+        [("Food & Drink", "food-prepared"), ("Food & Drink", "food-asian"), ("Food & Drink", "food-sweet")],
+        True,
+    ),
     ("drink", "\u2615", [("Food & Drink", "drink")], True),
     ("vehicle", "\U0001f697", [("Travel & Places", "transport-")], True),
     ("sky & weather", "\u26c5", [("Travel & Places", "sky & weather")], True),
@@ -75,7 +84,9 @@ def fetch(npm_dir: Path) -> None:
         if (npm_dir / tgz).is_file():
             continue
         print(f"npm pack {spec}", flush=True)
-        subprocess.run(["npm", "pack", spec, "--pack-destination", str(npm_dir), "--silent"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["npm", "pack", spec, "--pack-destination", str(npm_dir), "--silent"], check=True, stdout=subprocess.DEVNULL
+        )
 
 
 def read_members(tgz: Path, wanted: set[str]) -> dict[str, bytes]:
@@ -138,7 +149,9 @@ def to_rgb(data: bytes, size: int) -> np.ndarray:
     im = Image.open(io.BytesIO(data)).convert("RGBA")
     white = Image.new("RGBA", im.size, (255, 255, 255, 255))
     rgb = Image.alpha_composite(white, im).convert("RGB")
-    return np.asarray(rgb.resize((size, size), Image.Resampling.BOX if rgb.size[0] >= size else Image.Resampling.BICUBIC))
+    return np.asarray(
+        rgb.resize((size, size), Image.Resampling.BOX if rgb.size[0] >= size else Image.Resampling.BICUBIC)
+    )
 
 
 def build(npm_dir: Path, out: Path, sizes: list[int], val_fraction: float, flag_cap: int) -> dict:
@@ -154,7 +167,9 @@ def build(npm_dir: Path, out: Path, sizes: list[int], val_fraction: float, flag_
         val_codes.update(codes[: max(n_val, 1 if val_fraction > 0 and len(codes) > 1 else 0)])
     split_of = lambda code: "val" if code in val_codes else "train"  # noqa: E731
     out.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, dict[str, list]] = {s: {"labels": [], "styles": []} | {f"images_{z}": [] for z in sizes} for s in ("train", "val")}
+    arrays: dict[str, dict[str, list]] = {
+        s: {"labels": [], "styles": []} | {f"images_{z}": [] for z in sizes} for s in ("train", "val")
+    }
     for it in tqdm(items, desc="images", unit="img"):
         split = split_of(it.code)
         a = arrays[split]
@@ -164,9 +179,16 @@ def build(npm_dir: Path, out: Path, sizes: list[int], val_fraction: float, flag_
             a[f"images_{z}"].append(to_rgb(it.png, z))
     counts = {s: Counter(arrays[s]["labels"]) for s in arrays}
     for split, a in arrays.items():
-        tensors = {"labels": torch.tensor(a["labels"], dtype=torch.int64), "styles": torch.tensor(a["styles"], dtype=torch.int64)}
+        tensors = {
+            "labels": torch.tensor(a["labels"], dtype=torch.int64),
+            "styles": torch.tensor(a["styles"], dtype=torch.int64),
+        }
         for z in sizes:
-            tensors[f"images_{z}"] = torch.from_numpy(np.stack(a[f"images_{z}"])) if a[f"images_{z}"] else torch.zeros(0, z, z, 3, dtype=torch.uint8)
+            tensors[f"images_{z}"] = (
+                torch.from_numpy(np.stack(a[f"images_{z}"]))
+                if a[f"images_{z}"]
+                else torch.zeros(0, z, z, 3, dtype=torch.uint8)
+            )
         save_file(tensors, str(out / f"{split}.safetensors"), metadata={"layout": "NHWC uint8"})
     classes = {
         "classes": [
@@ -197,12 +219,18 @@ and resized; no other changes were made.
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--out", type=Path, default=Path("data/emoji"), help="output folder (default: data/emoji)")
-    p.add_argument("--npm-dir", type=Path, default=Path("data/npm"), help="where the npm tarballs are (fetched if absent)")
+    p.add_argument(
+        "--npm-dir", type=Path, default=Path("data/npm"), help="where the npm tarballs are (fetched if absent)"
+    )
     p.add_argument("--no-fetch", action="store_true", help="use the tarballs in --npm-dir; never run npm")
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="image sizes to write (default: 32 64)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of emoji held out for validation (default 0.1)")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="fraction of emoji held out for validation (default 0.1)"
+    )
     p.add_argument("--flag-cap", type=int, default=240, help="cap on the number of flag images (default 240)")
     args = p.parse_args(argv)
     print("config:", json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}))

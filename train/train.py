@@ -82,7 +82,9 @@ def sample_grid(ema_model, cfg: TrainConfig, mc: ModelConfig, path: Path, device
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", type=Path, required=True, help="training config JSON (see train/configs/)")
     p.add_argument("--run-dir", type=Path, required=True, help="run folder: config, metrics, samples, states")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields (JSON values)")
@@ -114,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         # Thread count changes speed, not results; anything else must match to resume.
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "threads")
         if changed and not args.force:
-            print(f"error: {run} was started with a different config (changed: {', '.join(changed)}); use --force to resume anyway", file=sys.stderr)
+            print(
+                f"error: {run} was started with a different config (changed: {', '.join(changed)}); use --force to resume anyway",
+                file=sys.stderr,
+            )
             return 2
 
     dataset = load_dataset(cfg, get_preset(cfg.model))
@@ -148,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"resumed from step {step}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     if main_proc:
-        print(f"parameters: {n_params:,}; dataset: {len(dataset)} images, {len(dataset.class_names)} classes; processes: {accelerator.num_processes}")
+        print(
+            f"parameters: {n_params:,}; dataset: {len(dataset)} images, {len(dataset.class_names)} classes; processes: {accelerator.num_processes}"
+        )
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -167,10 +174,20 @@ def main(argv: list[str] | None = None) -> int:
 
     def checkpoint(at: int) -> None:
         if main_proc:
-            save_state(run, at, {
-                "step": at, "elapsed": elapsed, "model": unwrapped.state_dict(), "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(), "train_config": json.dumps(cfg.to_dict()), "model_config": mc.to_json(),
-            }, cfg.keep_states)
+            save_state(
+                run,
+                at,
+                {
+                    "step": at,
+                    "elapsed": elapsed,
+                    "model": unwrapped.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "train_config": json.dumps(cfg.to_dict()),
+                    "model_config": mc.to_json(),
+                },
+                cfg.keep_states,
+            )
         accelerator.wait_for_everyone()
 
     metrics_file = open(run / "metrics.jsonl", "a") if main_proc else None
@@ -180,15 +197,27 @@ def main(argv: list[str] | None = None) -> int:
     while step < cfg.steps:
         t0 = time.perf_counter()
         g = step_generator(cfg.seed, step, accelerator.process_index)
-        idx = batch_indices(step, len(dataset), cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
+        idx = batch_indices(
+            step, len(dataset), cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes
+        )
         flips = torch.rand(per_rank, generator=g) < 0.5 if cfg.flips else None
         x0, y = dataset.batch(idx, flips, generator=g)
         xn, n, y, eps = noisy_batch(x0, y, schedule, mc.null_label, cfg.label_dropout, g)
         dev = accelerator.device
         if cfg.channels_last:
             xn = xn.contiguous(memory_format=torch.channels_last)
-        m = train_step(train_model, optimizer, accelerator, xn.to(dev), n.to(dev), y.to(dev), eps.to(dev),
-                       mc.loss_weights, lr_at(step, cfg), cfg.grad_clip)
+        m = train_step(
+            train_model,
+            optimizer,
+            accelerator,
+            xn.to(dev),
+            n.to(dev),
+            y.to(dev),
+            eps.to(dev),
+            mc.loss_weights,
+            lr_at(step, cfg),
+            cfg.grad_clip,
+        )
         ema.update(unwrapped, step)
         step += 1
         elapsed += time.perf_counter() - t0
@@ -198,7 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         if step % cfg.log_every == 0 or step == cfg.steps:
             now = time.perf_counter()
             rate = window_imgs / max(now - window_t, 1e-9)
-            rec = {"step": step, "loss": sum(losses) / len(losses), "lr": lr_at(step - 1, cfg), "img_per_s": rate, "elapsed_s": elapsed}
+            rec = {
+                "step": step,
+                "loss": sum(losses) / len(losses),
+                "lr": lr_at(step - 1, cfg),
+                "img_per_s": rate,
+                "elapsed_s": elapsed,
+            }
             bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rate:.0f}")
             if metrics_file:
                 metrics_file.write(json.dumps(rec) + "\n")
@@ -212,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
             if step % cfg.save_every:
                 checkpoint(step)
             bar.close()
-            print(f"stopped by signal {stop['signal']} at step {step}; state saved, run the same command to resume", flush=True)
+            print(
+                f"stopped by signal {stop['signal']} at step {step}; state saved, run the same command to resume",
+                flush=True,
+            )
             return 0
     bar.close()
     if main_proc:
