@@ -113,7 +113,10 @@ def released_model(choice: str) -> Path:
         from mrdit.presets import get_preset
 
         src = hf_hub_download(RELEASED_REPO, filename)
-        convert(Path(src), out, get_preset(preset))
+        config = get_preset(preset)
+        if IMAGENET_CLASSES.is_file():  # human class names, so that users (and the API) can say "goldfish"
+            config = config.replace(class_names=tuple(json.loads(IMAGENET_CLASSES.read_text())))
+        convert(Path(src), out, config)
     except Exception as e:  # offline, no disk space, ...: one clear message
         raise InputError(
             f"{choice} is unavailable: it is downloaded from the Hugging Face Hub ({RELEASED_REPO}) on first use "
@@ -152,10 +155,7 @@ MODELS = ModelCache()
 
 
 def class_choices(pipe: Pipeline) -> list[str]:
-    names = pipe.class_names
-    if pipe.config.num_classes == 1001 and IMAGENET_CLASSES.is_file():
-        names = json.loads(IMAGENET_CLASSES.read_text())
-    return names
+    return pipe.class_names
 
 
 # ---------------------------------------------------------------- trajectories

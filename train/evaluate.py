@@ -1,0 +1,182 @@
+"""Measure a model's sample quality on the emoji set, honestly and cheaply.
+
+    python train/evaluate.py weights/mrdit-emoji-32 weights/baseline-emoji-32
+
+A small classifier is trained once on the training split (cached beside the data). For each model
+directory, N samples per class are generated at fixed seeds and settings; the script reports
+(a) the classifier's accuracy on the samples, (b) the Frechet distance between classifier features
+of the samples and of the validation split, next to the same distance between the training and
+validation splits (the floor), and (c) sampling time per image on this machine. Results go to
+`eval.json` in each model directory and into its model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from mrdit.data import TensorImageDataset, load_emoji
+from mrdit.pipeline import Pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export import write_card  # noqa: E402
+
+
+class EmojiClassifier(nn.Module):
+    """A small CNN; its 64-d penultimate layer is the feature space for the Frechet distance."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+
+        def block(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
+
+        self.body = nn.Sequential(block(3, 32), block(32, 64), block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.feat = nn.Sequential(nn.Linear(128, 64), nn.ReLU())
+        self.head = nn.Linear(64, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feat(self.body(x))  # (B, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def train_classifier(train: TensorImageDataset, epochs: int, seed: int = 0) -> EmojiClassifier:
+    torch.manual_seed(seed)
+    clf = EmojiClassifier(len(train.class_names))
+    opt = torch.optim.AdamW(clf.parameters(), lr=2e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    n = len(train)
+    for _ in tqdm(range(epochs), desc="classifier", unit="epoch"):
+        clf.train()
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, 64):
+            idx = perm[i : i + 64]
+            x, y = train.batch(idx, torch.rand(len(idx), generator=g) < 0.5)
+            # light augmentation so that generated (slightly noisy, shifted) images are judged fairly
+            x = x + 0.05 * torch.randn(x.shape, generator=g)
+            shift = torch.randint(-2, 3, (2,), generator=g).tolist()
+            x = torch.roll(x, shifts=shift, dims=(2, 3))
+            loss = F.cross_entropy(clf(x), y, label_smoothing=0.05)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return clf.eval()
+
+
+def classifier(data: Path, size: int, epochs: int) -> tuple[EmojiClassifier, float]:
+    """The cached classifier for a dataset (trained on first use) and its validation accuracy."""
+    train, val = load_emoji(data, "train", size), load_emoji(data, "val", size)
+    path = data / f"classifier-{size}.safetensors"
+    clf = EmojiClassifier(len(train.class_names))
+    if path.is_file():
+        clf.load_state_dict(load_file(str(path)))
+        clf.eval()
+    else:
+        clf = train_classifier(train, epochs)
+        save_file(clf.state_dict(), str(path))
+    x, y = val.batch(torch.arange(len(val)))
+    with torch.no_grad():
+        acc = float((clf(x).argmax(1) == y).float().mean())
+    return clf, acc
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), with the trace of the root from the
+    eigenvalues of S_a^(1/2) S_b S_a^(1/2) (symmetric, so no general matrix square root is needed)."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sa, sb = torch.cov(a.T), torch.cov(b.T)
+    ea, va = torch.linalg.eigh(sa)
+    root_a = va @ torch.diag(ea.clamp(min=0).sqrt()) @ va.T
+    cross = torch.linalg.eigvalsh(root_a @ sb @ root_a).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + sa.trace() + sb.trace() - 2 * cross)
+
+
+@torch.no_grad()
+def features_of(clf: EmojiClassifier, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([clf.features(x[i : i + 256]) for i in range(0, len(x), 256)])
+
+
+def evaluate(model_dir: Path, clf: EmojiClassifier, data: Path, per_class: int, steps: int, guidance: float, sampler: str) -> dict:
+    pipe = Pipeline.from_pretrained(model_dir)
+    size = pipe.config.image_size
+    val = load_emoji(data, "val", size)
+    if pipe.class_names != val.class_names:
+        raise SystemExit(f"error: {model_dir} classes {pipe.class_names} differ from the data's {val.class_names}")
+    images, labels, seconds = [], [], 0.0
+    for c in tqdm(range(len(pipe.class_names)), desc=f"sampling {model_dir.name}", unit="class"):
+        t0 = time.perf_counter()
+        res = pipe.generate([c] * per_class, list(range(per_class)), steps=steps, guidance=guidance, sampler=sampler)
+        seconds += time.perf_counter() - t0
+        images.append(torch.from_numpy(res.arrays).permute(0, 3, 1, 2).float() / 127.5 - 1)
+        labels += [c] * per_class
+    x, y = torch.cat(images), torch.tensor(labels)
+    with torch.no_grad():
+        pred = clf(x).argmax(1)
+    xv, _ = val.batch(torch.arange(len(val)))
+    per_class_acc = {name: float((pred[y == c] == c).float().mean()) for c, name in enumerate(pipe.class_names)}
+    return {
+        "accuracy": float((pred == y).float().mean()),
+        "per_class_accuracy": per_class_acc,
+        "fd": frechet_distance(features_of(clf, x), features_of(clf, xv)),
+        "sec_per_image": seconds / len(y),
+        "samples_per_class": per_class,
+        "steps": steps,
+        "guidance": guidance,
+        "sampler": sampler,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", type=Path, nargs="+", help="model directories")
+    p.add_argument("--data", type=Path, default=Path("data/emoji"), help="prepared emoji data (default data/emoji)")
+    p.add_argument("--per-class", type=int, default=20, help="samples per class (default 20)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--sampler", default="dpm++2m")
+    p.add_argument("--classifier-epochs", type=int, default=30)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--no-card", action="store_true", help="do not write eval.json / update the model cards")
+    args = p.parse_args(argv)
+    print("config:", json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, default=str))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = json.loads((args.models[0] / "config.json").read_text())["image_size"]
+    clf, val_acc = classifier(args.data, size, args.classifier_epochs)
+    train, val = load_emoji(args.data, "train", size), load_emoji(args.data, "val", size)
+    xt, _ = train.batch(torch.arange(len(train)))
+    xv, _ = val.batch(torch.arange(len(val)))
+    floor = frechet_distance(features_of(clf, xt), features_of(clf, xv))
+    print(f"classifier accuracy on the validation split: {val_acc * 100:.1f}%; FD floor (train vs val): {floor:.2f}")
+    command = "python train/evaluate.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    hardware = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    rows = []
+    for m in args.models:
+        r = evaluate(m, clf, args.data, args.per_class, args.steps, args.guidance, args.sampler)
+        r |= {"fd_floor": floor, "classifier_val_accuracy": val_acc, "command": command, "hardware": hardware}
+        rows.append((m.name, r))
+        if not args.no_card:
+            (m / "eval.json").write_text(json.dumps(r, indent=2))
+            write_card(m)
+    print(f"\n| model | accuracy | FD (floor {floor:.2f}) | s / image |\n|---|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['accuracy'] * 100:.1f}% | {r['fd']:.2f} | {r['sec_per_image']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
