@@ -303,3 +303,46 @@ def test_two_process_ddp_trains_and_exports_once(tmp_path, emoji_data):
     state = load_latest_state(run)
     # DDP keeps both replicas identical, so rank 0's copy is the model; it trained on both ranks' data
     assert state["step"] == 6
+
+
+def test_encode_latents_and_train_on_them(tmp_path):
+    """Image folder -> VAE posteriors (image and flip) with a tiny local autoencoder -> a latent training run."""
+    diffusers = pytest.importorskip("diffusers")
+    from PIL import Image
+
+    from mrdit.data import LatentDataset
+
+    root = tmp_path / "images"
+    for c, colour in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            im = Image.new("RGB", (40 + 8 * i, 32), (255, 255, 255))
+            im.paste(Image.new("RGB", (16 + 4 * i, 32), colour), (0, 0))  # colour on the left only: flips differ
+            im.save(root / c / f"{i}.png")
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                                  up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                                  latent_channels=4, layers_per_block=1, norm_num_groups=4)
+    vae.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "latents.safetensors"
+    r = subprocess.run([sys.executable, str(ROOT / "train" / "encode_latents.py"), str(root), "--out", str(out), "--size", "32",
+                        "--vae", str(tmp_path / "vae"), "--device", "cpu"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = load_file(str(out))
+    assert d["mean"].shape == (6, 2, 4, 16, 16) and d["labels"].tolist() == [0, 0, 0, 1, 1, 1]
+    # the second posterior is the horizontally flipped image's
+    from mrdit.data import ImageFolderDataset
+
+    x, _ = ImageFolderDataset(root, 32).batch(torch.arange(6))
+    with torch.no_grad():
+        flipped = vae.encode(x.flip(-1)).latent_dist.mean
+    assert torch.allclose(d["mean"][:, 1], flipped, atol=1e-4)
+    assert not torch.allclose(d["mean"][:, 0], d["mean"][:, 1], atol=1e-3)
+    ds = LatentDataset(out, scale_factor=0.5)
+    z, y = ds.batch(torch.tensor([0, 4]), torch.tensor([False, True]), torch.Generator().manual_seed(0))
+    assert z.shape == (2, 4, 16, 16) and y.tolist() == [0, 1]
+    cfg = {"model": "tiny", "model_overrides": {"channels": 4, "autoencoder": {"repo_id": str(tmp_path / "vae"), "scale_factor": 0.5, "downsample": 2}},
+           "data": "latents", "data_path": str(out), "image_size": 16, "batch_size": 4, "steps": 3, "save_every": 3, "sample_every": 0, "threads": 1}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    r = _run(tmp_path / "cfg.json", tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert load_model(tmp_path / "run" / "ema").config.autoencoder.scale_factor == 0.5

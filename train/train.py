@@ -54,15 +54,19 @@ def load_dataset(cfg: TrainConfig, model_config: ModelConfig):
     return LatentDataset(cfg.data_path, model_config.autoencoder.scale_factor)
 
 
-def resolve_model_config(cfg: TrainConfig, class_names: list[str]) -> ModelConfig:
-    """The preset, sized to the dataset's classes (plus the null label), with any overrides."""
-    base = get_preset(cfg.model)
-    d = base.to_dict()
-    d.update(num_classes=len(class_names) + 1, null_label=len(class_names), class_names=list(class_names))
+def preset_with_overrides(cfg: TrainConfig) -> ModelConfig:
+    d = get_preset(cfg.model).to_dict()
     for k, v in cfg.model_overrides.items():
         if k not in d:
             raise ConfigError(f"model_overrides: unknown model config field {k!r}")
         d[k] = v
+    return ModelConfig.from_dict(d)
+
+
+def resolve_model_config(cfg: TrainConfig, class_names: list[str]) -> ModelConfig:
+    """The preset with its overrides, sized to the dataset's classes (plus the null label)."""
+    d = preset_with_overrides(cfg).to_dict()
+    d.update(num_classes=len(class_names) + 1, null_label=len(class_names), class_names=list(class_names))
     return ModelConfig.from_dict(d)
 
 
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
 
-    dataset = load_dataset(cfg, get_preset(cfg.model))
+    dataset = load_dataset(cfg, preset_with_overrides(cfg))
     mc = resolve_model_config(cfg, dataset.class_names)
     if dataset.image_size != mc.image_size:
         p.error(f"data image size {dataset.image_size} != model image_size {mc.image_size}")
