@@ -34,7 +34,9 @@ def push(model_dir: Path, repo_id: str, dry_run: bool = False, private: bool = F
 
     api = HfApi()
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), allow_patterns=list(UPLOAD_PATTERNS), repo_type="model")
+    api.upload_folder(
+        repo_id=repo_id, folder_path=str(model_dir), allow_patterns=list(UPLOAD_PATTERNS), repo_type="model"
+    )
     return files
 
 

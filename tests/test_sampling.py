@@ -262,3 +262,27 @@ def test_gif_keeps_distinct_frames(tmp_path):
     frames = [np.full((8, 8, 3), 40 * i, dtype=np.uint8) for i in range(5)]
     gif = Image.open(save_gif(frames, tmp_path / "a.gif"))
     assert gif.n_frames == 5
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from mrdit.sampling import validate_sampling_args  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(st.sampled_from(list(SAMPLERS)), st.text(max_size=6)),
+    st.one_of(st.integers(-5, 2000), st.floats(allow_nan=True), st.booleans()),
+    st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 10)),
+    st.sampled_from(["constant", "power-cosine", "cosine", ""]),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+def test_fuzz_sampler_arguments(sampler, steps, guidance, schedule, power):
+    """Every combination is either accepted (and then in range) or refused with a ValueError."""
+    try:
+        validate_sampling_args(sampler, steps, guidance, schedule, power)
+    except ValueError:
+        return
+    assert sampler in SAMPLERS and isinstance(steps, int) and 1 <= steps <= 1000
+    assert math.isfinite(guidance) and guidance >= 0 and math.isfinite(power) and power >= 0

@@ -12,7 +12,11 @@ from mrdit import load_model
 from mrdit.hub import main as hub_main
 from mrdit.pipeline import Pipeline
 
-SHIPPED = sorted(p for p in (ROOT / "weights").iterdir() if (p / "config.json").is_file()) if (ROOT / "weights").is_dir() else []
+SHIPPED = (
+    sorted(p for p in (ROOT / "weights").iterdir() if (p / "config.json").is_file())
+    if (ROOT / "weights").is_dir()
+    else []
+)
 
 
 def test_default_model_is_shipped():

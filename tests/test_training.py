@@ -319,13 +319,37 @@ def test_encode_latents_and_train_on_them(tmp_path):
             im = Image.new("RGB", (40 + 8 * i, 32), (255, 255, 255))
             im.paste(Image.new("RGB", (16 + 4 * i, 32), colour), (0, 0))  # colour on the left only: flips differ
             im.save(root / c / f"{i}.png")
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                                  up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
-                                  latent_channels=4, layers_per_block=1, norm_num_groups=4)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
     vae.save_pretrained(tmp_path / "vae")
     out = tmp_path / "latents.safetensors"
-    r = subprocess.run([sys.executable, str(ROOT / "train" / "encode_latents.py"), str(root), "--out", str(out), "--size", "32",
-                        "--vae", str(tmp_path / "vae"), "--device", "cpu"], env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train" / "encode_latents.py"),
+            str(root),
+            "--out",
+            str(out),
+            "--size",
+            "32",
+            "--vae",
+            str(tmp_path / "vae"),
+            "--device",
+            "cpu",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     d = load_file(str(out))
     assert d["mean"].shape == (6, 2, 4, 16, 16) and d["labels"].tolist() == [0, 0, 0, 1, 1, 1]
@@ -340,8 +364,21 @@ def test_encode_latents_and_train_on_them(tmp_path):
     ds = LatentDataset(out, scale_factor=0.5)
     z, y = ds.batch(torch.tensor([0, 4]), torch.tensor([False, True]), torch.Generator().manual_seed(0))
     assert z.shape == (2, 4, 16, 16) and y.tolist() == [0, 1]
-    cfg = {"model": "tiny", "model_overrides": {"channels": 4, "autoencoder": {"repo_id": str(tmp_path / "vae"), "scale_factor": 0.5, "downsample": 2}},
-           "data": "latents", "data_path": str(out), "image_size": 16, "batch_size": 4, "steps": 3, "save_every": 3, "sample_every": 0, "threads": 1}
+    cfg = {
+        "model": "tiny",
+        "model_overrides": {
+            "channels": 4,
+            "autoencoder": {"repo_id": str(tmp_path / "vae"), "scale_factor": 0.5, "downsample": 2},
+        },
+        "data": "latents",
+        "data_path": str(out),
+        "image_size": 16,
+        "batch_size": 4,
+        "steps": 3,
+        "save_every": 3,
+        "sample_every": 0,
+        "threads": 1,
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     r = _run(tmp_path / "cfg.json", tmp_path / "run")
     assert r.returncode == 0, r.stderr[-2000:]

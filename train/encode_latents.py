@@ -48,7 +48,9 @@ def encode(images: Path, out: Path, size: int, vae_id: str, batch: int, device: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("images", type=Path, help="image folder: root/<class>/*")
     p.add_argument("--out", type=Path, required=True, help="output .safetensors")
     p.add_argument("--size", type=int, default=256, help="centre-crop size in pixels (default 256)")

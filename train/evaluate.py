@@ -40,7 +40,15 @@ class EmojiClassifier(nn.Module):
         super().__init__()
 
         def block(i, o):
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
+            return nn.Sequential(
+                nn.Conv2d(i, o, 3, padding=1),
+                nn.BatchNorm2d(o),
+                nn.ReLU(),
+                nn.Conv2d(o, o, 3, padding=1),
+                nn.BatchNorm2d(o),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            )
 
         self.body = nn.Sequential(block(3, 32), block(32, 64), block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.feat = nn.Sequential(nn.Linear(128, 64), nn.ReLU())
@@ -110,7 +118,9 @@ def features_of(clf: EmojiClassifier, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([clf.features(x[i : i + 256]) for i in range(0, len(x), 256)])
 
 
-def evaluate(model_dir: Path, clf: EmojiClassifier, data: Path, per_class: int, steps: int, guidance: float, sampler: str) -> dict:
+def evaluate(
+    model_dir: Path, clf: EmojiClassifier, data: Path, per_class: int, steps: int, guidance: float, sampler: str
+) -> dict:
     pipe = Pipeline.from_pretrained(model_dir)
     size = pipe.config.image_size
     val = load_emoji(data, "val", size)
@@ -141,7 +151,9 @@ def evaluate(model_dir: Path, clf: EmojiClassifier, data: Path, per_class: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("models", type=Path, nargs="+", help="model directories")
     p.add_argument("--data", type=Path, default=Path("data/emoji"), help="prepared emoji data (default data/emoji)")
     p.add_argument("--per-class", type=int, default=20, help="samples per class (default 20)")
@@ -162,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     xv, _ = val.batch(torch.arange(len(val)))
     floor = frechet_distance(features_of(clf, xt), features_of(clf, xv))
     print(f"classifier accuracy on the validation split: {val_acc * 100:.1f}%; FD floor (train vs val): {floor:.2f}")
-    command = "python train/evaluate.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python train/evaluate.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
     hardware = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     rows = []
     for m in args.models:

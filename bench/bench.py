@@ -1,0 +1,240 @@
+"""Speed benchmarks of mrdit, on the CPU or a GPU: prints a table and writes JSON.
+
+    python bench/bench.py --preset dimr-xl-2r --device cuda --out bench/results/h100.json   # the GPU targets
+    python bench/bench.py --model weights/mrdit-emoji-32 --out bench/results/cpu-emoji.json # the CPU demo model
+
+Measures: training img/s and peak memory (with and without activation checkpointing), one forward
+at several batch sizes, end-to-end guided sampling latency (250-step dpm-fast, 25-step dpm++2m),
+model FLOPs (torch.utils.flop_counter) and the achieved fraction of a matrix-multiply rate measured in
+the same run. No gradio or diffusers needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mrdit import build_model, get_preset, load_model
+from mrdit.losses import multiscale_loss
+from mrdit.sampling import noise_for_seeds, sample
+from mrdit.training import TrainConfig, make_optimizer
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, warmup: int = 2, repeat: int = 5) -> float:
+    """Median seconds of `fn()` after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """Achieved FLOP/s of a square matrix multiply of size n (the machine's practical peak)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    s = timed(lambda: a @ b, device, warmup=2, repeat=5)
+    return 2 * n**3 / s
+
+
+def forward_flops(model, batch: int, device) -> float:
+    c = model.config
+    x = torch.randn(batch, c.channels, c.image_size, c.image_size, device=device)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x, torch.full((batch,), 500.0, device=device), torch.zeros(batch, dtype=torch.long, device=device))
+    return float(fc.get_total_flops())
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def bench_forward(model, batches, device, amp) -> dict:
+    c = model.config
+    out = {}
+    for b in batches:
+        x = torch.randn(b, c.channels, c.image_size, c.image_size, device=device)
+        t = torch.full((1,), 500.0, device=device)
+        y = torch.zeros(b, dtype=torch.long, device=device)
+
+        def run():
+            with torch.no_grad(), autocast(device, amp):
+                model(x, t, y)
+
+        out[b] = timed(run, device)
+    return out
+
+
+def bench_train(model, batch: int, device, amp, checkpointing: bool, steps: int) -> dict:
+    c = model.config
+    model.train()
+    model.set_grad_checkpointing(checkpointing)
+    opt = make_optimizer(model, TrainConfig())
+    x = torch.randn(batch, c.channels, c.image_size, c.image_size, device=device)
+    n = torch.randint(1, 1001, (batch,), device=device).float()
+    y = torch.randint(0, c.num_classes, (batch,), device=device)
+    eps = torch.randn_like(x)
+    scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
+
+    def step():
+        with autocast(device, amp):
+            preds = model(x, n, y)
+        loss = multiscale_loss(preds, eps, c.loss_weights).mean()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    s = timed(step, device, warmup=2, repeat=steps)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    model.set_grad_checkpointing(False)
+    model.eval()
+    del opt
+    return {"img_per_s": batch / s, "step_s": s, "peak_gib": peak}
+
+
+def bench_sampling(model, device, runs) -> dict:
+    c = model.config
+    out = {}
+    for name, sampler, steps, images in runs:
+        noise, gens = noise_for_seeds(list(range(images)), (c.channels, c.image_size, c.image_size), device)
+        labels = torch.zeros(images, dtype=torch.long, device=device)
+
+        def run():
+            sample(model, noise, labels, sampler=sampler, steps=steps, guidance=2.0, generators=gens)
+
+        out[name] = timed(run, device, warmup=1, repeat=3)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", default=None, help="random weights of a preset (e.g. dimr-xl-2r)")
+    g.add_argument("--model", type=Path, help="a model directory (e.g. weights/mrdit-emoji-32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--amp",
+        choices=["none", "bf16", "fp16"],
+        default=None,
+        help="autocast dtype (default: bf16 on GPU, none on CPU)",
+    )
+    p.add_argument("--forward-batches", type=int, nargs="+", default=None)
+    p.add_argument("--train-batches", type=int, nargs="+", default=None)
+    p.add_argument("--train-steps", type=int, default=5)
+    p.add_argument("--images", type=int, default=None, help="images per sampling run (default 1 on GPU, 4 on CPU)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["train", "forward", "sampling"])
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, help="JSON results file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    amp_name = args.amp or ("bf16" if gpu else "none")
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp_name]
+    forward_batches = args.forward_batches or ([2, 8, 32, 256] if gpu else [1, 4, 8])
+    train_batches = args.train_batches or ([64, 128] if gpu else [32])
+    images = args.images or (1 if gpu else 4)
+    config = vars(args) | {
+        "amp": amp_name,
+        "forward_batches": forward_batches,
+        "train_batches": train_batches,
+        "images": images,
+    }
+    print("config:", json.dumps(config, default=str))
+
+    model = (
+        load_model(args.model, device=device)
+        if args.model
+        else build_model(get_preset(args.preset or "dimr-xl-2r"), device=device).eval()
+    )
+    name = str(args.model or args.preset or "dimr-xl-2r")
+    res: dict = {
+        "model": name,
+        "device": torch.cuda.get_device_name(0)
+        if gpu
+        else f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "amp": amp_name,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    mm_dtype = amp if (gpu and amp is not None) else torch.float32
+    res["matmul_tflops"] = matmul_rate(device, mm_dtype, 8192 if gpu else 1024) / 1e12
+    flops1 = forward_flops(model, 1, device)
+    res["gflops_per_image_forward"] = flops1 / 1e9
+    print(
+        f"{name}: {res['params']:,} parameters, {flops1 / 2e9:.2f} GMAC per image forward; matmul {res['matmul_tflops']:.3f} TFLOP/s ({mm_dtype})"
+    )
+
+    if "forward" not in args.skip:
+        res["forward_s"] = bench_forward(model, forward_batches, device, amp)
+        for b, s in res["forward_s"].items():
+            print(
+                f"forward batch {b:4d}: {s * 1000:8.1f} ms  ({flops1 * b / s / 1e12:.3f} TFLOP/s, {flops1 * b / s / 1e12 / res['matmul_tflops'] * 100:.0f}% of matmul)"
+            )
+    if "sampling" not in args.skip:
+        runs = (
+            [("dpm++2m_25", "dpm++2m", 25, images), ("dpm-fast_250", "dpm-fast", 250, images)]
+            if gpu
+            else [("dpm++2m_25", "dpm++2m", 25, images)]
+        )
+        res["sampling_s"] = bench_sampling(model, device, runs)
+        for k, s in res["sampling_s"].items():
+            steps = int(k.split("_")[1])
+            achieved = flops1 * images * 2 * steps / s  # guided: two forwards per step
+            res.setdefault("sampling_fraction_of_matmul", {})[k] = achieved / 1e12 / res["matmul_tflops"]
+            print(
+                f"sampling {k} ({images} images, guided): {s:.3f} s; network {achieved / 1e9:.1f} GFLOP/s = {achieved / 1e12 / res['matmul_tflops'] * 100:.0f}% of matmul"
+            )
+    if "train" not in args.skip:
+        res["train"] = {}
+        for b in train_batches:
+            for ckpt in (False, True):
+                try:
+                    r = bench_train(model, b, device, amp, ckpt, args.train_steps)
+                except torch.OutOfMemoryError:
+                    r = {"error": "out of memory"}
+                    torch.cuda.empty_cache()
+                res["train"][f"b{b}_{'ckpt' if ckpt else 'nockpt'}"] = r
+                if "error" in r:
+                    print(f"train batch {b} checkpointing={ckpt}: out of memory")
+                else:
+                    tf = flops1 * 3 * r["img_per_s"] / 1e12
+                    mem = f", peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else ""
+                    print(
+                        f"train batch {b} checkpointing={ckpt}: {r['img_per_s']:.1f} img/s ({tf:.3f} TFLOP/s, {tf / res['matmul_tflops'] * 100:.0f}% of matmul){mem}"
+                    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2, default=str))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
