@@ -77,7 +77,7 @@ def bench_forward(model, batches, device, amp) -> dict:
         t = torch.full((1,), 500.0, device=device)
         y = torch.zeros(b, dtype=torch.long, device=device)
 
-        def run():
+        def run(x=x, t=t, y=y):
             with torch.no_grad(), autocast(device, amp):
                 model(x, t, y)
 
@@ -111,7 +111,6 @@ def bench_train(model, batch: int, device, amp, checkpointing: bool, steps: int)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     model.set_grad_checkpointing(False)
     model.eval()
-    del opt
     return {"img_per_s": batch / s, "step_s": s, "peak_gib": peak}
 
 
@@ -122,7 +121,7 @@ def bench_sampling(model, device, runs) -> dict:
         noise, gens = noise_for_seeds(list(range(images)), (c.channels, c.image_size, c.image_size), device)
         labels = torch.zeros(images, dtype=torch.long, device=device)
 
-        def run():
+        def run(noise=noise, labels=labels, sampler=sampler, steps=steps, gens=gens):
             sample(model, noise, labels, sampler=sampler, steps=steps, guidance=2.0, generators=gens)
 
         out[name] = timed(run, device, warmup=1, repeat=3)
