@@ -268,6 +268,16 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
     res = Pipeline(m).generate("heart", [0, 1], steps=3)
     assert len(res.images) == 2 and res.images[0].size == (16, 16)
 
+    # the evaluator writes its numbers into eval.json and the card, and a side-by-side figure
+    r = subprocess.run([sys.executable, str(ROOT / "train" / "evaluate.py"), str(out), "--data", str(emoji_data), "--per-class", "2",
+                        "--steps", "2", "--classifier-epochs", "2", "--figure", str(tmp_path / "fig.png")],
+                       env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ev = json.loads((out / "eval.json").read_text())
+    assert 0 <= ev["accuracy"] <= 1 and ev["fd"] >= 0 and ev["fd_floor"] >= 0 and ev["sec_per_image"] > 0
+    assert "class accuracy of samples" in (out / "README.md").read_text()
+    assert (tmp_path / "fig.png").is_file() and "| tiny-emoji |" in r.stdout
+
 
 def test_two_process_ddp_trains_and_exports_once(tmp_path, emoji_data):
     pytest.importorskip("accelerate")
@@ -383,3 +393,16 @@ def test_encode_latents_and_train_on_them(tmp_path):
     r = _run(tmp_path / "cfg.json", tmp_path / "run")
     assert r.returncode == 0, r.stderr[-2000:]
     assert load_model(tmp_path / "run" / "ema").config.autoencoder.scale_factor == 0.5
+
+
+def test_frechet_distance_known_values():
+    sys.path.insert(0, str(ROOT / "train"))
+    from evaluate import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 4, generator=g)
+    b = torch.randn(20000, 4, generator=g) + torch.tensor([1.0, 0, 0, 0])
+    c = torch.randn(20000, 4, generator=g) * 2
+    assert frechet_distance(a, a) < 1e-6
+    assert abs(frechet_distance(a, b) - 1.0) < 0.1  # mean shift of 1
+    assert abs(frechet_distance(a, c) - 4.0) < 0.2  # trace term: 4 * (1 + 4 - 2 * 2) = 4

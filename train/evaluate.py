@@ -150,6 +150,37 @@ def evaluate(
     }
 
 
+def side_by_side(pipes: list[Pipeline], names: list[str], path: Path, steps: int, guidance: float, sampler: str, seeds: int = 4) -> None:
+    """One row per class; for each model, `seeds` samples at seeds 0..seeds-1 (same noise for every model)."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from mrdit.visual import grid, upscale_nearest
+
+    display, pad, gap, head, left = 64, 2, 16, 24, 130
+    blocks = []
+    for pipe in pipes:
+        tiles = []
+        for c in range(len(pipe.class_names)):
+            res = pipe.generate([c] * seeds, list(range(seeds)), steps=steps, guidance=guidance, sampler=sampler)
+            tiles += [upscale_nearest(np.asarray(im), display) for im in res.images]
+        blocks.append(grid(tiles, cols=seeds, pad=pad))
+    h = blocks[0].shape[0]
+    width = left + sum(b.shape[1] for b in blocks) + gap * (len(blocks) - 1)
+    canvas = Image.new("RGB", (width, h + head), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=14)
+    x = left
+    for b, name in zip(blocks, names, strict=True):
+        canvas.paste(Image.fromarray(b), (x, head))
+        draw.text((x + 4, 4), name, fill=(20, 20, 20), font=font)
+        x += b.shape[1] + gap
+    for c, cname in enumerate(pipes[0].class_names):
+        draw.text((6, head + pad + c * (display + pad) + display // 2 - 8), cname, fill=(20, 20, 20), font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -163,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classifier-epochs", type=int, default=30)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--no-card", action="store_true", help="do not write eval.json / update the model cards")
+    p.add_argument("--figure", type=Path, help="also write a side-by-side figure of the models at the same seeds (PNG)")
     args = p.parse_args(argv)
     print("config:", json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, default=str))
     if args.threads:
@@ -186,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_card:
             (m / "eval.json").write_text(json.dumps(r, indent=2))
             write_card(m)
+    if args.figure:
+        side_by_side([Pipeline.from_pretrained(m) for m in args.models], [m.name for m in args.models], args.figure, args.steps, args.guidance, args.sampler)
+        print(f"wrote {args.figure}")
     print(f"\n| model | accuracy | FD (floor {floor:.2f}) | s / image |\n|---|---|---|---|")
     for name, r in rows:
         print(f"| {name} | {r['accuracy'] * 100:.1f}% | {r['fd']:.2f} | {r['sec_per_image']:.3f} |")
