@@ -164,5 +164,7 @@ class ConvHead(nn.Module):
         self.conv = nn.Conv2d(dim, channels, kernel, padding=kernel // 2)
 
     def forward(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x, tau)  # (B, h, w, D)
-        return self.conv(x.permute(0, 3, 1, 2))  # (B, C, h, w)
+        # The head is cheap and its output is the prediction itself: keep it in float32 under autocast.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = self.norm(x.float(), tau)  # (B, h, w, D)
+            return self.conv(x.permute(0, 3, 1, 2))  # (B, C, h, w)

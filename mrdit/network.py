@@ -63,7 +63,8 @@ class Branch(nn.Module):
         concatenated features for the next branch."""
         g, D = self.spec.grid, self.spec.width
         B = x.shape[0]
-        h = self.patchify(x).permute(0, 2, 3, 1)  # (B, g, g, D)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # few input channels: float32 is nearly free
+            h = self.patchify(x.float()).permute(0, 2, 3, 1)  # (B, g, g, D)
         h = h + self.pos_embed.weight.view(g, g, D)  # (B, g, g, D), row index i*g + j
         if prev_feats is not None:
             h = h + self.upsample(prev_feats, tau)  # (B, g, g, D) from (B, g/2, g/2, (n+1) D_prev)

@@ -122,3 +122,14 @@ def test_released_checkpoint_keys_map_exactly(preset, tsv, count):
 def test_xl_3r_preset_matches_paper():
     model = build_model(get_preset("dimr-xl-3r"), device="meta")
     assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 525) < 1
+
+
+def test_bf16_autocast_close_to_float32(parity):
+    """The bf16 path (autocast) stays within 1e-2 relative error of float32 on the parity models."""
+    _, _, model, io = parity
+    n = (io["forward.per_sample.log_snr"] + 4) * 1000 / 8
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = model(io["forward.x"], n, io["forward.y"])
+    ref = [io[k] for k in sorted(k for k in io if k.startswith("forward.per_sample.out"))]
+    for ours, theirs in zip(outs, ref, strict=True):
+        assert rel_err(ours.float(), theirs) < 1e-2

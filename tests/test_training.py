@@ -269,9 +269,27 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
     assert len(res.images) == 2 and res.images[0].size == (16, 16)
 
     # the evaluator writes its numbers into eval.json and the card, and a side-by-side figure
-    r = subprocess.run([sys.executable, str(ROOT / "train" / "evaluate.py"), str(out), "--data", str(emoji_data), "--per-class", "2",
-                        "--steps", "2", "--classifier-epochs", "2", "--figure", str(tmp_path / "fig.png")],
-                       env=ENV, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train" / "evaluate.py"),
+            str(out),
+            "--data",
+            str(emoji_data),
+            "--per-class",
+            "2",
+            "--steps",
+            "2",
+            "--classifier-epochs",
+            "2",
+            "--figure",
+            str(tmp_path / "fig.png"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     ev = json.loads((out / "eval.json").read_text())
     assert 0 <= ev["accuracy"] <= 1 and ev["fd"] >= 0 and ev["fd_floor"] >= 0 and ev["sec_per_image"] > 0

@@ -150,7 +150,9 @@ def evaluate(
     }
 
 
-def side_by_side(pipes: list[Pipeline], names: list[str], path: Path, steps: int, guidance: float, sampler: str, seeds: int = 4) -> None:
+def side_by_side(
+    pipes: list[Pipeline], names: list[str], path: Path, steps: int, guidance: float, sampler: str, seeds: int = 4
+) -> None:
     """One row per class; for each model, `seeds` samples at seeds 0..seeds-1 (same noise for every model)."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
@@ -219,7 +221,14 @@ def main(argv: list[str] | None = None) -> int:
             (m / "eval.json").write_text(json.dumps(r, indent=2))
             write_card(m)
     if args.figure:
-        side_by_side([Pipeline.from_pretrained(m) for m in args.models], [m.name for m in args.models], args.figure, args.steps, args.guidance, args.sampler)
+        side_by_side(
+            [Pipeline.from_pretrained(m) for m in args.models],
+            [m.name for m in args.models],
+            args.figure,
+            args.steps,
+            args.guidance,
+            args.sampler,
+        )
         print(f"wrote {args.figure}")
     print(f"\n| model | accuracy | FD (floor {floor:.2f}) | s / image |\n|---|---|---|---|")
     for name, r in rows:
