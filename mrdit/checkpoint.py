@@ -12,12 +12,13 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .config import ConfigError, ModelConfig
@@ -34,13 +35,14 @@ class CheckpointError(ValueError):
     """A model directory or weight file cannot be used; the message names the file (and tensor)."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write through `write(file)` to a temporary file beside `path`, fsync, then rename over it:
+    readers see the old file or the new one, never a half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -52,17 +54,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(
+        path, lambda f: f.write(safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+    )
 
 
 def save_model(
@@ -95,9 +89,9 @@ def save_model(
             weight_map.update({k: name for k in shard})
         total = sum(v.numel() * v.element_size() for v in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write_bytes(directory / INDEX_NAME, json.dumps(index, indent=2).encode())
+        atomic_write(directory / INDEX_NAME, lambda f: f.write(json.dumps(index, indent=2).encode()))
         (directory / WEIGHTS_NAME).unlink(missing_ok=True)
-    atomic_write_bytes(directory / CONFIG_NAME, config.to_json().encode())
+    atomic_write(directory / CONFIG_NAME, lambda f: f.write(config.to_json().encode()))
     return directory
 
 

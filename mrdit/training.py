@@ -10,9 +10,7 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import torch
 from torch import nn
 
 from .build import no_decay_parameter_names
+from .checkpoint import atomic_write
 from .config import ConfigError
 from .losses import multiscale_loss
 from .schedule import NoiseSchedule
@@ -219,16 +218,7 @@ def save_state(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Pa
     folder = run_dir / "states"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"state-{step:08d}.pt"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".state-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(state, f))
     for _, old in list_states(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path

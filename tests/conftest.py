@@ -135,3 +135,19 @@ def emoji_data(tmp_path_factory, fake_npm) -> Path:
         capture_output=True,
     )
     return out
+
+
+def tiny_vae():
+    """A small, randomly initialised diffusers AutoencoderKL (2x downsampling, 4 latent channels)."""
+    import diffusers
+
+    return diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+    )

@@ -251,7 +251,7 @@ def test_interrupted_save_leaves_previous_file(tiny_model_dir, tmp_path, monkeyp
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", boom)
+    monkeypatch.setattr(ckpt, "safetensors_bytes", boom)
     with pytest.raises(OSError, match="disk full"):
         save_model(m, d)
     assert (d / "model.safetensors").read_bytes() == before

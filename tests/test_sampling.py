@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_vae
 from torch import nn
 
 from mrdit import build_model, get_preset, load_model
@@ -221,22 +222,12 @@ def test_cli_writes_grid_and_gif(tiny_model_dir, tmp_path):
 
 
 def test_latent_model_decodes_with_tiny_autoencoder(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from mrdit import save_model
     from mrdit.config import AutoencoderConfig
     from mrdit.pipeline import LatentDecoder, Pipeline
 
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=32,
-    )
+    vae = tiny_vae()
     vae.save_pretrained(tmp_path / "vae")
     cfg = get_preset("tiny").replace(
         channels=4,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, tiny_vae
 from safetensors.torch import load_file
 
 from mrdit import build_model, get_preset, load_model
@@ -335,7 +335,7 @@ def test_two_process_ddp_trains_and_exports_once(tmp_path, emoji_data):
 
 def test_encode_latents_and_train_on_them(tmp_path):
     """Image folder -> VAE posteriors (image and flip) with a tiny local autoencoder -> a latent training run."""
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from PIL import Image
 
     from mrdit.data import LatentDataset
@@ -347,16 +347,7 @@ def test_encode_latents_and_train_on_them(tmp_path):
             im = Image.new("RGB", (40 + 8 * i, 32), (255, 255, 255))
             im.paste(Image.new("RGB", (16 + 4 * i, 32), colour), (0, 0))  # colour on the left only: flips differ
             im.save(root / c / f"{i}.png")
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=4,
-    )
+    vae = tiny_vae()
     vae.save_pretrained(tmp_path / "vae")
     out = tmp_path / "latents.safetensors"
     r = subprocess.run(
