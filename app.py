@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from mrdit.checkpoint import CheckpointError, resolve_model_dir
-from mrdit.pipeline import MAX_IMAGES, InputError, Pipeline, Preview, Settings
+from mrdit.pipeline import DEFAULT_GUIDANCE, MAX_IMAGES, InputError, Pipeline, Preview, Settings
 from mrdit.sampling import SAMPLERS
 from mrdit.visual import branch_headers, panel_sheet, save_gif
 
@@ -436,7 +436,7 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
                 num_images = gr.Slider(1, 8, value=4, step=1, label="Images")
                 steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
                 guidance = gr.Slider(
-                    1.0, 8.0, value=2.0, step=0.1, label="Guidance w  (eps_u + w·(eps_c − eps_u); 1 = off)"
+                    1.0, 8.0, value=DEFAULT_GUIDANCE, step=0.1, label="Guidance w  (eps_u + w·(eps_c − eps_u); 1 = off)"
                 )
                 sampler = gr.Dropdown(
                     list(SAMPLERS),

@@ -24,6 +24,7 @@ from .visual import to_uint8
 
 MAX_IMAGES = 16
 MAX_SEED = 2**63 - 1
+DEFAULT_GUIDANCE = 4.0  # w for the demo models; measured best of 2/4/6 by train/evaluate.py
 PREVIEW_MAX = 128  # decoded previews of latent models are stored at most this size
 
 
@@ -241,7 +242,7 @@ class Pipeline:
         labels: Sequence[int | str] | int | str,
         seeds: Sequence[int] | int,
         steps: int = 25,
-        guidance: float = 2.0,
+        guidance: float = DEFAULT_GUIDANCE,
         sampler: str = "dpm++2m",
         keep_trajectory: bool = False,
         guidance_schedule: str = "constant",

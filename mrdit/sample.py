@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError
-from .pipeline import InputError, Pipeline, settings_dict
+from .pipeline import DEFAULT_GUIDANCE, InputError, Pipeline, settings_dict
 from .sampling import SAMPLERS
 from .visual import grid, save_gif, trajectory_frame, upscale_nearest
 
@@ -26,7 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i (default 0)")
     p.add_argument("--num-images", type=int, default=4, help="images to generate (default 4)")
     p.add_argument("--steps", type=int, default=25, help="solver steps (default 25)")
-    p.add_argument("--guidance", type=float, default=2.0, help="w in eps_u + w (eps_c - eps_u); 1 = none (default 2)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=DEFAULT_GUIDANCE,
+        help=f"w in eps_u + w (eps_c - eps_u); 1 = none (default {DEFAULT_GUIDANCE})",
+    )
     p.add_argument("--guidance-schedule", choices=["constant", "power-cosine"], default="constant")
     p.add_argument("--guidance-power", type=float, default=1.0)
     p.add_argument("--sampler", choices=SAMPLERS, default="dpm++2m")

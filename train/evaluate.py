@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mrdit.data import TensorImageDataset, load_emoji
-from mrdit.pipeline import Pipeline
+from mrdit.pipeline import DEFAULT_GUIDANCE, Pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export import write_card  # noqa: E402
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path("data/emoji"), help="prepared emoji data (default data/emoji)")
     p.add_argument("--per-class", type=int, default=20, help="samples per class (default 20)")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--sampler", default="dpm++2m")
     p.add_argument("--classifier-epochs", type=int, default=30)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")

@@ -19,7 +19,7 @@ import torch
 from mrdit import save_model
 from mrdit.build import build_model
 from mrdit.config import ModelConfig
-from mrdit.pipeline import Pipeline
+from mrdit.pipeline import DEFAULT_GUIDANCE, Pipeline
 from mrdit.training import load_latest_state
 from mrdit.visual import grid, upscale_nearest
 
@@ -29,7 +29,9 @@ EMOJI_CREDITS = """- **Twemoji** graphics by Twitter, Inc. and other contributor
 - **Fluent Emoji** by Microsoft, MIT, via `@lobehub/fluent-emoji-3d@1.1.0`."""
 
 
-def sample_rows(pipe: Pipeline, per_class: int = 8, steps: int = 25, guidance: float = 2.0, display: int = 64):
+def sample_rows(
+    pipe: Pipeline, per_class: int = 8, steps: int = 25, guidance: float = DEFAULT_GUIDANCE, display: int = 64
+):
     """One row per class, seeds 0..per_class-1, as a uint8 grid."""
     tiles = []
     for c in range(len(pipe.class_names)):
@@ -85,7 +87,7 @@ Noise schedule: {mc.schedule.kind}, {mc.schedule.num_steps} steps; loss weights 
 
 ![samples](samples.png)
 
-*One row per class, seeds 0-7, `dpm++2m`, 25 steps, guidance 2.*
+*One row per class, seeds 0-7, `dpm++2m`, 25 steps, guidance {DEFAULT_GUIDANCE}.*
 
 ## Quality
 
@@ -112,7 +114,7 @@ the sources above when you publish them.
 ```python
 from mrdit.pipeline import Pipeline
 pipe = Pipeline.from_pretrained("weights/{name}")
-result = pipe.generate("face", seeds=[0, 1, 2, 3], steps=25, guidance=2.0)
+result = pipe.generate("face", seeds=[0, 1, 2, 3], steps=25, guidance={DEFAULT_GUIDANCE})
 result.images[0].save("face.png")
 ```
 
