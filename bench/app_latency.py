@@ -1,5 +1,5 @@
 """The app's latency on this machine: time to the first streamed preview, total time for the default
-request (4 images, 25 dpm++2m steps, guidance 2), and what streaming previews add over plain sampling.
+request (4 images, 25 dpm++2m steps, guidance 4), and what streaming previews add over plain sampling.
 
     python bench/app_latency.py [--model mrdit-emoji-32] [--repeat 5] [--out bench/results/app-latency.json]
 """
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         t_total = time.perf_counter() - t0
         t0 = time.perf_counter()
         pipe.generate(
-            ["face"] * args.images, list(range(r, r + args.images)), steps=args.steps, guidance=2.0, sampler="dpm++2m"
+            ["face"] * args.images, list(range(r, r + args.images)), steps=args.steps, guidance=4.0, sampler="dpm++2m"
         )
         t_plain = time.perf_counter() - t0
         if r:
