@@ -129,9 +129,11 @@ def evaluate(
     images, labels, seconds = [], [], 0.0
     for c in tqdm(range(len(pipe.class_names)), desc=f"sampling {model_dir.name}", unit="class"):
         t0 = time.perf_counter()
-        res = pipe.generate([c] * per_class, list(range(per_class)), steps=steps, guidance=guidance, sampler=sampler)
+        for start in range(0, per_class, 10):  # requests of at most 10 images (the pipeline caps a request)
+            seeds = list(range(start, min(start + 10, per_class)))
+            res = pipe.generate([c] * len(seeds), seeds, steps=steps, guidance=guidance, sampler=sampler)
+            images.append(torch.from_numpy(res.arrays).permute(0, 3, 1, 2).float() / 127.5 - 1)
         seconds += time.perf_counter() - t0
-        images.append(torch.from_numpy(res.arrays).permute(0, 3, 1, 2).float() / 127.5 - 1)
         labels += [c] * per_class
     x, y = torch.cat(images), torch.tensor(labels)
     with torch.no_grad():

@@ -40,6 +40,13 @@ def sample_rows(
     return grid(tiles, cols=per_class)
 
 
+def commands_line(run_info: dict) -> str:
+    commands = run_info.get("commands") or [run_info.get("command", "?")]
+    if len(commands) == 1:
+        return f"Command: `{commands[0]}`"
+    return "Commands, in order (the run resumed itself from its saved state): " + "; ".join(f"`{c}`" for c in commands)
+
+
 def card(name: str, mc: ModelConfig, n_params: int, run_info: dict, evaluation: dict | None) -> str:
     branches = "\n".join(
         f"| {k} | {b.kind} | {b.grid}x{b.grid} (patch {b.patch}) | {b.width} | {b.blocks} | {b.heads or '-'} |"
@@ -95,7 +102,7 @@ Noise schedule: {mc.schedule.kind}, {mc.schedule.num_steps} steps; loss weights 
 
 ## Training
 
-- Command: `{run_info.get("command", "?")}`
+- {commands_line(run_info)}
 - Steps: {run_info.get("step", "?")} at batch {run_info.get("batch_size", "?")}; wall time {run_info.get("elapsed_min", "?")} min
 - Hardware: {run_info.get("hardware", "?")}
 - Data: `python train/prepare_emoji.py` (three emoji styles from the npm registry, 12 classes, 32 px)
@@ -137,6 +144,7 @@ def export(run: Path, out: Path, dtype: torch.dtype = torch.float32, samples: bo
     commands = (run / "command.txt").read_text().strip().splitlines() if (run / "command.txt").is_file() else ["?"]
     run_info = {
         "command": "python " + commands[0],
+        "commands": ["python " + c for c in commands],
         "step": state["step"],
         "batch_size": train_cfg["batch_size"],
         "elapsed_min": f"{state.get('elapsed', 0) / 60:.0f}",
