@@ -455,7 +455,8 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
                 status = gr.Markdown("Press **Generate** to watch the branches refine the image.", elem_id="status")
                 gr.Markdown(
                     "One row per image: the noisy **x_t**, then **each branch's estimate**, coarse to fine, "
-                    "then **what each finer branch added** (red brighter, blue darker)."
+                    "then **what each finer branch added** (red brighter, blue darker). Branch 0 is the transformer on the "
+                    "coarsest grid; the finer branches are convolutional."
                 )
                 panels = gr.Image(
                     label="Panels",

@@ -97,7 +97,7 @@ def branch_headers(config) -> list[str]:
     if config.architecture == "unpatchify":
         return heads + [f"estimate {config.image_size}x{config.image_size}"]
     for k, b in enumerate(config.branches):
-        heads.append(f"branch {k}: {b.grid}x{b.grid} {'transformer' if b.kind == 'transformer' else 'conv'}")
+        heads.append(f"branch {k}: {b.grid}x{b.grid}")
     for k in range(1, len(config.branches)):
         heads.append(f"branch {k} added")
     return heads

@@ -113,7 +113,7 @@ def test_generate_streams_then_scrub_step_mode_and_gif(weights, tmp_path, monkey
     assert len(final) == 2 and final[0].shape == (16, 16, 3)
     assert "done" in status and len(traj.previews) == 6
     headers = traj.headers
-    assert headers[:4] == ["x_t (noisy)", "branch 0: 4x4 transformer", "branch 1: 8x8 conv", "branch 2: 16x16 conv"]
+    assert headers[:4] == ["x_t (noisy)", "branch 0: 4x4", "branch 1: 8x8", "branch 2: 16x16"]
     # panels: 2 rows (images) x (x_t + 3 branches + 2 additions) at the display size, plus a header
     assert panels.shape[1] >= 6 * app.DISPLAY and panels.shape[0] >= 2 * app.DISPLAY
     img, st_, _ = app.scrub(2, traj)
