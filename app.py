@@ -230,6 +230,16 @@ def _settings(pipe: Pipeline, class_label, seed, num_images, steps, guidance, sa
         raise gr.Error(str(e), print_exception=False) from None
 
 
+def _new_run(model, class_label, seed, num_images, steps, guidance, sampler) -> tuple[Pipeline, Trajectory]:
+    """The model and a fresh trajectory for validated settings; any problem becomes a gr.Error."""
+    try:
+        pipe = MODELS.get(model)
+        settings = _settings(pipe, class_label, seed, num_images, steps, guidance, sampler)
+    except Exception as e:
+        raise _gr_error(e) from None
+    return pipe, Trajectory(settings=settings, headers=branch_headers(pipe.config))
+
+
 def _finalise(pipe: Pipeline, traj: Trajectory, x: torch.Tensor) -> list[np.ndarray]:
     return [np.asarray(im) for im in pipe.to_images(x)]
 
@@ -248,12 +258,8 @@ def generate(
     class_label, seed, steps, guidance, sampler, num_images=4, model=DEFAULT_MODEL, traj: Trajectory | None = None
 ):
     """Stream every step: (panels, final images, status, trajectory state, slider, plots)."""
-    try:
-        pipe = MODELS.get(model)
-        settings = _settings(pipe, class_label, seed, num_images, steps, guidance, sampler)
-    except Exception as e:
-        raise _gr_error(e) from None
-    traj = Trajectory(settings=settings, headers=branch_headers(pipe.config))
+    pipe, traj = _new_run(model, class_label, seed, num_images, steps, guidance, sampler)
+    settings = traj.settings
     t0 = time.perf_counter()
     last_emit = 0.0
     state = None
@@ -311,12 +317,8 @@ def play_tick(step, traj: Trajectory | None):
 @gpu
 def step_start(class_label, seed, steps, guidance, sampler, num_images, model):
     """Educator step mode: prepare a paused sampler for this session; nothing is computed yet."""
-    try:
-        pipe = MODELS.get(model)
-        settings = _settings(pipe, class_label, seed, num_images, steps, guidance, sampler)
-    except Exception as e:
-        raise _gr_error(e) from None
-    traj = Trajectory(settings=settings, headers=branch_headers(pipe.config))
+    pipe, traj = _new_run(model, class_label, seed, num_images, steps, guidance, sampler)
+    settings = traj.settings
     traj.stepper = (pipe, pipe.stream(settings))
     return (
         traj,
