@@ -105,7 +105,7 @@ Noise schedule: {mc.schedule.kind}, {mc.schedule.num_steps} steps; loss weights 
 - {commands_line(run_info)}
 - Steps: {run_info.get("step", "?")} at batch {run_info.get("batch_size", "?")}; wall time {run_info.get("elapsed_min", "?")} min
 - Hardware: {run_info.get("hardware", "?")}
-- Data: `python train/prepare_emoji.py` (three emoji styles from the npm registry, 12 classes, 32 px)
+- Data: `python train/prepare_emoji.py` (three emoji styles from the npm registry, {mc.num_classes - 1} classes, {mc.image_size} px)
 
 ## Data, licences and attribution
 
