@@ -301,7 +301,10 @@ def scrub(step, traj: Trajectory | None):
     if traj is None or not traj.previews:
         return gr.update(), "Generate first, then scrub the trajectory.", gr.update()
     i = int(min(max(int(step or 1), 1), len(traj.previews))) - 1
-    return render(traj, i), status_text(traj.previews[i], traj.settings), schedule_plot(traj, i)
+    status = status_text(traj.previews[i], traj.settings)
+    if i == len(traj.previews) - 1 and traj.final:  # the slider also moves when a run ends: keep saying so
+        status += " · done"
+    return render(traj, i), status, schedule_plot(traj, i)
 
 
 def play_tick(step, traj: Trajectory | None):
