@@ -23,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mrdit import build_model, get_preset, load_model
+from mrdit.fast import FastForward
 from mrdit.losses import multiscale_loss
 from mrdit.sampling import noise_for_seeds, sample
 from mrdit.training import TrainConfig, make_optimizer
@@ -69,8 +70,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def bench_forward(model, batches, device, amp) -> dict:
+def bench_forward(model, batches, device, amp, graphs: bool) -> dict:
+    """Seconds per forward at each batch; with `graphs`, through FastForward's CUDA graph replay."""
     c = model.config
+    fast = FastForward(model, amp, cuda_graphs=True) if graphs else None
     out = {}
     for b in batches:
         x = torch.randn(b, c.channels, c.image_size, c.image_size, device=device)
@@ -78,17 +81,23 @@ def bench_forward(model, batches, device, amp) -> dict:
         y = torch.zeros(b, dtype=torch.long, device=device)
 
         def run(x=x, t=t, y=y):
+            if fast is not None:
+                fast(x, t, y)
+                return
             with torch.no_grad(), autocast(device, amp):
                 model(x, t, y)
 
         out[b] = timed(run, device)
+        if fast is not None:
+            fast.clear()
     return out
 
 
-def bench_train(model, batch: int, device, amp, checkpointing: bool, steps: int) -> dict:
+def bench_train(model, batch: int, device, amp, checkpointing: bool, steps: int, compiled: bool = False) -> dict:
     c = model.config
     model.train()
     model.set_grad_checkpointing(checkpointing)
+    net = torch.compile(model) if compiled else model
     opt = make_optimizer(model, TrainConfig())
     x = torch.randn(batch, c.channels, c.image_size, c.image_size, device=device)
     n = torch.randint(1, 1001, (batch,), device=device).float()
@@ -98,7 +107,7 @@ def bench_train(model, batch: int, device, amp, checkpointing: bool, steps: int)
 
     def step():
         with autocast(device, amp):
-            preds = model(x, n, y)
+            preds = net(x, n, y)
         loss = multiscale_loss(preds, eps, c.loss_weights).mean()
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -107,25 +116,28 @@ def bench_train(model, batch: int, device, amp, checkpointing: bool, steps: int)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    s = timed(step, device, warmup=2, repeat=steps)
+    s = timed(step, device, warmup=3 if compiled else 2, repeat=steps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    model.zero_grad(set_to_none=True)
     model.set_grad_checkpointing(False)
     model.eval()
     return {"img_per_s": batch / s, "step_s": s, "peak_gib": peak}
 
 
-def bench_sampling(model, device, runs) -> dict:
-    c = model.config
-    out = {}
+def bench_sampling(net, device, runs, repeat: int = 3) -> tuple[dict, dict]:
+    """Seconds per guided sampling run, and each run's final images (for comparing variants)."""
+    c = net.config
+    out, images_out = {}, {}
     for name, sampler, steps, images in runs:
         noise, gens = noise_for_seeds(list(range(images)), (c.channels, c.image_size, c.image_size), device)
         labels = torch.zeros(images, dtype=torch.long, device=device)
 
         def run(noise=noise, labels=labels, sampler=sampler, steps=steps, gens=gens):
-            sample(model, noise, labels, sampler=sampler, steps=steps, guidance=2.0, generators=gens)
+            return sample(net, noise, labels, sampler=sampler, steps=steps, guidance=2.0, generators=gens)
 
-        out[name] = timed(run, device, warmup=1, repeat=3)
-    return out
+        out[name] = timed(run, device, warmup=1, repeat=repeat)
+        images_out[name] = run().float().cpu()
+    return out, images_out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--forward-batches", type=int, nargs="+", default=None)
     p.add_argument("--train-batches", type=int, nargs="+", default=None)
     p.add_argument("--train-steps", type=int, default=5)
+    p.add_argument("--train-compile", action="store_true", help="also time torch.compile training (largest batch)")
+    p.add_argument("--sampling-repeat", type=int, default=3, help="timed sampling runs per case (median)")
     p.add_argument("--images", type=int, default=None, help="images per sampling run (default 1 on GPU, 4 on CPU)")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "forward", "sampling"])
     p.add_argument("--threads", type=int, default=0)
@@ -182,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         "amp": amp_name,
         "params": sum(p.numel() for p in model.parameters()),
     }
+
+    def save() -> None:
+        """Results so far, written after every section (a run cut short keeps what it measured)."""
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(res, indent=2, default=str))
+
     mm_dtype = amp if (gpu and amp is not None) else torch.float32
     res["matmul_tflops"] = matmul_rate(device, mm_dtype, 8192 if gpu else 1024) / 1e12
     flops1 = forward_flops(model, 1, device)
@@ -191,46 +212,73 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if "forward" not in args.skip:
-        res["forward_s"] = bench_forward(model, forward_batches, device, amp)
-        for b, s in res["forward_s"].items():
-            print(
-                f"forward batch {b:4d}: {s * 1000:8.1f} ms  ({flops1 * b / s / 1e12:.3f} TFLOP/s, {flops1 * b / s / 1e12 / res['matmul_tflops'] * 100:.0f}% of matmul)"
-            )
+        res["forward_s"] = {}
+        for variant in ["eager", "graphs"] if gpu else ["eager"]:
+            res["forward_s"][variant] = bench_forward(model, forward_batches, device, amp, variant == "graphs")
+            for b, s in res["forward_s"][variant].items():
+                tf = flops1 * b / s / 1e12
+                print(
+                    f"forward {variant:6s} batch {b:4d}: {s * 1000:8.1f} ms  ({tf:.3f} TFLOP/s, {tf / res['matmul_tflops'] * 100:.0f}% of matmul)"
+                )
+    save()
     if "sampling" not in args.skip:
-        runs = (
-            [("dpm++2m_25", "dpm++2m", 25, images), ("dpm-fast_250", "dpm-fast", 250, images)]
-            if gpu
-            else [("dpm++2m_25", "dpm++2m", 25, images)]
-        )
-        res["sampling_s"] = bench_sampling(model, device, runs)
-        for k, s in res["sampling_s"].items():
-            steps = int(k.split("_")[1])
-            achieved = flops1 * images * 2 * steps / s  # guided: two forwards per step
-            res.setdefault("sampling_fraction_of_matmul", {})[k] = achieved / 1e12 / res["matmul_tflops"]
-            print(
-                f"sampling {k} ({images} images, guided): {s:.3f} s; network {achieved / 1e9:.1f} GFLOP/s = {achieved / 1e12 / res['matmul_tflops'] * 100:.0f}% of matmul"
-            )
+        runs = [("dpm++2m_25", "dpm++2m", 25, images)]
+        if gpu:
+            runs.append(("dpm-fast_250", "dpm-fast", 250, images))
+        # fp32: the model as is; amp: FastForward autocast; graphs: FastForward with CUDA graph replay.
+        variants = {"fp32": model}
+        if amp is not None:
+            variants[amp_name] = FastForward(model, amp, cuda_graphs=False)
+            if gpu:
+                variants[f"{amp_name}+graphs"] = FastForward(model, amp, cuda_graphs=True)
+        res["sampling_s"], res["sampling_fraction_of_matmul"], res["sampling_rel_err_vs_fp32"] = {}, {}, {}
+        reference: dict = {}
+        for variant, net in variants.items():
+            todo = runs if (variant != "fp32" or not gpu) else runs[:1]  # 250 fp32 steps add little
+            times, finals = bench_sampling(net, device, todo, repeat=args.sampling_repeat)
+            for k, s in times.items():
+                steps = int(k.split("_")[1])
+                achieved = flops1 * images * 2 * steps / s  # guided: two forwards per step
+                key = f"{variant}/{k}"
+                res["sampling_s"][key] = s
+                res["sampling_fraction_of_matmul"][key] = achieved / 1e12 / res["matmul_tflops"]
+                err = ""
+                if variant == "fp32":
+                    reference[k] = finals[k]
+                elif k in reference:
+                    e = float((finals[k] - reference[k]).norm() / reference[k].norm())
+                    res["sampling_rel_err_vs_fp32"][key] = e
+                    err = f"; final image rel. error vs fp32 {e:.1e}"
+                print(
+                    f"sampling {key} ({images} images, guided): {s:.3f} s; network {achieved / 1e9:.1f} GFLOP/s = {achieved / 1e12 / res['matmul_tflops'] * 100:.0f}% of matmul{err}"
+                )
+            if isinstance(net, FastForward):
+                net.clear()
+    save()
     if "train" not in args.skip:
         res["train"] = {}
-        for b in train_batches:
-            for ckpt in (False, True):
-                try:
-                    r = bench_train(model, b, device, amp, ckpt, args.train_steps)
-                except torch.OutOfMemoryError:
-                    r = {"error": "out of memory"}
-                    torch.cuda.empty_cache()
-                res["train"][f"b{b}_{'ckpt' if ckpt else 'nockpt'}"] = r
-                if "error" in r:
-                    print(f"train batch {b} checkpointing={ckpt}: out of memory")
-                else:
-                    tf = flops1 * 3 * r["img_per_s"] / 1e12
-                    mem = f", peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else ""
-                    print(
-                        f"train batch {b} checkpointing={ckpt}: {r['img_per_s']:.1f} img/s ({tf:.3f} TFLOP/s, {tf / res['matmul_tflops'] * 100:.0f}% of matmul){mem}"
-                    )
+        cases = [(b, ckpt, False) for b in train_batches for ckpt in (False, True)]
+        if args.train_compile:
+            cases.append((max(train_batches), False, True))
+        for b, ckpt, compiled in cases:
+            key = f"b{b}_{'ckpt' if ckpt else 'nockpt'}{'_compile' if compiled else ''}"
+            try:
+                r = bench_train(model, b, device, amp, ckpt, args.train_steps, compiled)
+            except torch.OutOfMemoryError:
+                r = {"error": "out of memory"}
+                torch.cuda.empty_cache()
+            res["train"][key] = r
+            save()
+            if "error" in r:
+                print(f"train {key}: out of memory")
+            else:
+                tf = flops1 * 3 * r["img_per_s"] / 1e12
+                mem = f", peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else ""
+                print(
+                    f"train {key}: {r['img_per_s']:.1f} img/s ({tf:.3f} TFLOP/s, {tf / res['matmul_tflops'] * 100:.0f}% of matmul){mem}"
+                )
+    save()
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=2, default=str))
         print(f"wrote {args.out}")
     return 0
 

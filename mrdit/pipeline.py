@@ -19,6 +19,7 @@ from PIL import Image
 
 from .checkpoint import load_model, resolve_model_dir
 from .config import ModelConfig
+from .fast import FastForward
 from .sampling import MAX_STEPS, SAMPLERS, StepState, iterate, noise_for_seeds
 from .visual import to_uint8
 
@@ -107,7 +108,10 @@ class LatentDecoder:
 
 
 class Pipeline:
-    def __init__(self, model: torch.nn.Module, decoder=None, name: str = "") -> None:
+    """A model, its decoder and validated sampling. On a CUDA device the network runs through
+    `FastForward` (bfloat16 autocast, CUDA graph replay) unless `fast=False`; on the CPU in float32."""
+
+    def __init__(self, model: torch.nn.Module, decoder=None, name: str = "", fast: bool | None = None) -> None:
         self.model = model.eval()
         self.config: ModelConfig = model.config
         self.decoder = decoder if decoder is not None else (PixelDecoder() if self.config.autoencoder is None else None)
@@ -115,6 +119,9 @@ class Pipeline:
             raise ValueError("a latent model needs a decoder (LatentDecoder.from_config)")
         self.name = name
         self.device = next(model.parameters()).device
+        if fast is None:
+            fast = self.device.type == "cuda"
+        self.net = FastForward(self.model, torch.bfloat16, cuda_graphs=self.device.type == "cuda") if fast else self.model
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | Path, device: str | torch.device = "cpu") -> Pipeline:
@@ -222,7 +229,7 @@ class Pipeline:
         noise, gens = noise_for_seeds(settings.seeds, (c.channels, c.image_size, c.image_size), self.device)
         labels = torch.tensor(settings.labels, device=self.device)
         for state in iterate(
-            self.model,
+            self.net,
             noise,
             labels,
             sampler=settings.sampler,

@@ -133,9 +133,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
+        """e <- e + (1 - d) (p - e) for every parameter, as one multi-tensor operation (few kernels)."""
         d = min(self.decay, (1 + step) / (10 + step))
-        for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            e.lerp_(p.detach().float(), 1 - d)
+        ema = list(self.model.parameters())
+        live = [p.detach().float() for p in model.parameters()]
+        if len(ema) != len(live):
+            raise ValueError(f"EMA holds {len(ema)} parameters, the model has {len(live)}")
+        torch._foreach_lerp_(ema, live, 1 - d)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
@@ -188,8 +192,12 @@ def train_step(
     loss_weights: tuple[float, ...],
     lr: float,
     grad_clip: float,
-) -> dict[str, float]:
-    """One optimisation step on a noised batch; returns metrics (loss, per-branch loss, grad norm)."""
+) -> dict[str, torch.Tensor]:
+    """One optimisation step on a noised batch; returns metrics (loss, grad norm) as 0-d tensors.
+
+    Metrics stay on the device: reading them (float()) waits for the GPU, so the loop does that only
+    when it logs, and the next step's launches overlap this step's work.
+    """
     for g in optimizer.param_groups:
         g["lr"] = lr
     with accelerator.autocast():
@@ -197,9 +205,9 @@ def train_step(
     loss = multiscale_loss(preds, eps, loss_weights).mean()
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
-    metrics = {"loss": float(loss.detach())}
+    metrics = {"loss": loss.detach()}
     if grad_clip > 0:
-        metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), grad_clip))
+        metrics["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return metrics
 

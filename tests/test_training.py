@@ -126,6 +126,22 @@ def test_ema_moves_toward_weights():
     assert (ema.model.weight - m.weight).abs().max() < before
 
 
+def test_ema_update_is_the_per_parameter_lerp():
+    torch.manual_seed(0)
+    m = build_model(get_preset("tiny"))
+    ema = EMA(m, 0.99)
+    expected = {k: v.clone() for k, v in ema.model.named_parameters()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p))
+    ema.update(m, step=10_000)
+    for k, p in m.named_parameters():
+        want = expected[k] + 0.01 * (p.detach() - expected[k])
+        assert torch.allclose(dict(ema.model.named_parameters())[k], want, atol=1e-6), k
+    with pytest.raises(ValueError, match="parameters"):
+        ema.update(torch.nn.Linear(2, 2), step=1)
+
+
 def test_state_write_is_atomic_and_falls_back(tmp_path, monkeypatch):
     save_state(tmp_path, 5, {"step": 5, "x": torch.ones(3)}, keep=2)
     real_save = torch.save
@@ -223,6 +239,36 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, emoji_data):
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 0 and "state saved" in out
     assert load_latest_state(run)["step"] >= 1
+
+
+def test_time_limit_saves_exports_and_resumes(tmp_path, emoji_data):
+    cfg = _config(tmp_path, emoji_data, steps=100000, save_every=100000, sample_every=0, log_every=2)
+    run = tmp_path / "limited"
+    r = _run(cfg, run, "--max-minutes", "0.02", "--export-every", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "time limit: stopped at step" in r.stdout
+    paused = json.loads((run / "PAUSED").read_text())
+    first = paused["step"]
+    assert first >= 2 and not (run / "DONE").exists()
+    assert load_latest_state(run)["step"] == first  # the state at the stop, though save_every is huge
+    assert load_model(run / "ema").config.num_classes == 13  # the EMA model is exported at the stop
+    exports = sorted(run.glob("ema-*"))
+    assert exports and all(int(e.name.split("-")[1]) % 4 == 0 for e in exports)
+    assert load_file(str(exports[0] / "model.safetensors"))["branches.0.patchify.weight"].dtype == torch.float16
+    r = _run(cfg, run, "--max-minutes", "0.02")
+    assert r.returncode == 0 and f"resumed from step {first}" in r.stdout
+    assert json.loads((run / "PAUSED").read_text())["step"] > first
+    assert _run(cfg, run, "--max-minutes", "-1").returncode == 2
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path, emoji_data):
+    cfg = _config(tmp_path, emoji_data, steps=40, save_every=4, sample_every=0, log_every=4, lr=1e30, warmup_steps=0)
+    run = tmp_path / "nan"
+    r = _run(cfg, run)
+    assert r.returncode == 3 and "not finite" in r.stderr
+    for _, path in list_states(run):  # whatever was saved before the blow-up is finite
+        state = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 def test_dry_run_and_help(tmp_path, emoji_data):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shlex
 import signal
@@ -94,7 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields (JSON values)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--force", action="store_true", help="resume even if the config differs from the run's saved one")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="stop after this many minutes of training in this invocation: save the state and the EMA model "
+        "(run the same command to continue); 0 = no limit",
+    )
+    p.add_argument(
+        "--export-every",
+        type=int,
+        default=0,
+        help="also write the EMA model to RUN_DIR/ema-STEP every this many steps (float16), e.g. to compare "
+        "runs at equal steps; 0 = off",
+    )
     args = p.parse_args(argv)
+    if args.max_minutes < 0 or args.export_every < 0:
+        p.error("--max-minutes and --export-every must be >= 0")
 
     try:
         cfg = TrainConfig.from_dict(json.loads(args.config.read_text())).with_overrides(args.set)
@@ -198,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not main_proc, dynamic_ncols=True)
     per_rank = cfg.batch_size // accelerator.num_processes
     window_t, window_imgs, losses = time.perf_counter(), 0, []
+    started = time.perf_counter()
+    out_of_time = False
     while step < cfg.steps:
         t0 = time.perf_counter()
         g = step_generator(cfg.seed, step, accelerator.process_index)
@@ -228,12 +247,27 @@ def main(argv: list[str] | None = None) -> int:
         losses.append(m["loss"])
         window_imgs += cfg.batch_size
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if args.max_minutes and step % cfg.log_every == 0:
+            # Every process must stop at the same step: rank 0's clock decides.
+            late = torch.tensor(float(time.perf_counter() - started > args.max_minutes * 60), device=accelerator.device)
+            if accelerator.num_processes > 1:
+                late = accelerator.reduce(late, reduction="max")
+            out_of_time = bool(late)
+        if step % cfg.log_every == 0 or step == cfg.steps or out_of_time:
             now = time.perf_counter()
             rate = window_imgs / max(now - window_t, 1e-9)
+            loss = float(torch.stack(losses).mean())  # waits for the device, once per log interval
+            if not math.isfinite(loss):
+                bar.close()
+                print(
+                    f"error: the loss is not finite ({loss}) near step {step}; stopping without saving "
+                    f"(the last good state in {run / 'states'} is kept). Lower lr or set grad_clip.",
+                    file=sys.stderr,
+                )
+                return 3
             rec = {
                 "step": step,
-                "loss": sum(losses) / len(losses),
+                "loss": loss,
                 "lr": lr_at(step - 1, cfg),
                 "img_per_s": rate,
                 "elapsed_s": elapsed,
@@ -245,8 +279,21 @@ def main(argv: list[str] | None = None) -> int:
             window_t, window_imgs, losses = now, 0, []
         if main_proc and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
             sample_grid(ema.model, cfg, mc, run / "samples" / f"step-{step:08d}.png", accelerator.device)
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if main_proc and args.export_every and step % args.export_every == 0:
+            save_model(ema.model, run / f"ema-{step:08d}", dtype=torch.float16)
+        saving = step % cfg.save_every == 0 or step == cfg.steps or out_of_time or stop["signal"] is not None
+        if saving and not finite(unwrapped):
+            bar.close()
+            print(
+                f"error: the weights are not finite at step {step}; stopping without saving "
+                f"(the last good state in {run / 'states'} is kept). Lower lr or set grad_clip.",
+                file=sys.stderr,
+            )
+            return 3
+        if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
             checkpoint(step)
+        if out_of_time:
+            break
         if stop["signal"] is not None:
             if step % cfg.save_every:
                 checkpoint(step)
@@ -260,10 +307,25 @@ def main(argv: list[str] | None = None) -> int:
     if main_proc:
         # The inference export of the EMA weights, ready for train/export.py or mrdit.load_model.
         save_model(ema.model, run / "ema")
-        (run / "DONE").write_text(json.dumps({"step": step, "elapsed_s": elapsed, "hardware": hardware(accelerator)}))
-        print(f"done: {step} steps in {elapsed / 60:.1f} min; EMA model in {run / 'ema'}", flush=True)
+        info = {"step": step, "elapsed_s": elapsed, "hardware": hardware(accelerator)}
+        if out_of_time:
+            (run / "PAUSED").write_text(json.dumps(info))
+            print(
+                f"time limit: stopped at step {step} of {cfg.steps} after {elapsed / 60:.1f} min; state saved and "
+                f"EMA model in {run / 'ema'}; run the same command to continue",
+                flush=True,
+            )
+        else:
+            (run / "PAUSED").unlink(missing_ok=True)
+            (run / "DONE").write_text(json.dumps(info))
+            print(f"done: {step} steps in {elapsed / 60:.1f} min; EMA model in {run / 'ema'}", flush=True)
     accelerator.wait_for_everyone()
     return 0
+
+
+def finite(model: torch.nn.Module) -> bool:
+    """Whether every weight is finite (one device sync; called only when a state is about to be written)."""
+    return bool(torch.stack([p.detach().float().abs().max() for p in model.parameters()]).isfinite().all())
 
 
 def hardware(accelerator) -> str:
