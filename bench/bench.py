@@ -70,10 +70,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def bench_forward(model, batches, device, amp, graphs: bool) -> dict:
-    """Seconds per forward at each batch; with `graphs`, through FastForward's CUDA graph replay."""
+def bench_forward(model, batches, device, amp, variant: str) -> dict:
+    """Seconds per forward at each batch: `eager`, `graphs` (FastForward's CUDA graph replay) or
+    `compile` (torch.compile, default mode; the compile itself is in the warm-up, not the time)."""
     c = model.config
-    fast = FastForward(model, amp, cuda_graphs=True) if graphs else None
+    fast = FastForward(model, amp, cuda_graphs=True) if variant == "graphs" else None
+    net = torch.compile(model) if variant == "compile" else model
     out = {}
     for b in batches:
         x = torch.randn(b, c.channels, c.image_size, c.image_size, device=device)
@@ -85,7 +87,7 @@ def bench_forward(model, batches, device, amp, graphs: bool) -> dict:
                 fast(x, t, y)
                 return
             with torch.no_grad(), autocast(device, amp):
-                model(x, t, y)
+                net(x, t, y)
 
         out[b] = timed(run, device)
         if fast is not None:
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-batches", type=int, nargs="+", default=None)
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--train-compile", action="store_true", help="also time torch.compile training (largest batch)")
+    p.add_argument("--forward-compile", action="store_true", help="also time torch.compile forwards")
     p.add_argument("--sampling-repeat", type=int, default=3, help="timed sampling runs per case (median)")
     p.add_argument("--images", type=int, default=None, help="images per sampling run (default 1 on GPU, 4 on CPU)")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "forward", "sampling"])
@@ -213,8 +216,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if "forward" not in args.skip:
         res["forward_s"] = {}
-        for variant in ["eager", "graphs"] if gpu else ["eager"]:
-            res["forward_s"][variant] = bench_forward(model, forward_batches, device, amp, variant == "graphs")
+        variants = ["eager", "graphs"] if gpu else ["eager"]
+        if args.forward_compile:
+            variants.append("compile")
+        for variant in variants:
+            res["forward_s"][variant] = bench_forward(model, forward_batches, device, amp, variant)
             for b, s in res["forward_s"][variant].items():
                 tf = flops1 * b / s / 1e12
                 print(

@@ -121,7 +121,9 @@ class Pipeline:
         self.device = next(model.parameters()).device
         if fast is None:
             fast = self.device.type == "cuda"
-        self.net = FastForward(self.model, torch.bfloat16, cuda_graphs=self.device.type == "cuda") if fast else self.model
+        self.net = (
+            FastForward(self.model, torch.bfloat16, cuda_graphs=self.device.type == "cuda") if fast else self.model
+        )
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | Path, device: str | torch.device = "cpu") -> Pipeline:
