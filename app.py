@@ -33,6 +33,8 @@ from mrdit.visual import branch_headers, panel_sheet, save_gif
 ROOT = Path(__file__).resolve().parent
 WEIGHTS = ROOT / "weights"
 DEFAULT_MODEL = os.environ.get("MRDIT_MODEL", "mrdit-emoji-32")
+# Pixel-space demo models on the CPU are compiled in the background after loading (MRDIT_COMPILE=0: never).
+COMPILE = os.environ.get("MRDIT_COMPILE", "1") != "0"
 DISPLAY = 96  # every panel is shown at this size, nearest-neighbour, so model pixels stay honest
 STREAM_INTERVAL = 0.08  # seconds between streamed frames (the last step is always shown)
 MAX_SESSION_STEPS = 250  # trajectory memory bound per session
@@ -145,6 +147,8 @@ class ModelCache:
             except CheckpointError as e:
                 raise InputError(f"model {choice!r} could not be loaded: {e}") from None
             pipe.name = choice
+            if COMPILE and pipe.config.autoencoder is None:
+                pipe.compile_in_background()
             self.items[path] = pipe
             while len(self.items) > self.size:
                 self.items.popitem(last=False)

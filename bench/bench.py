@@ -48,11 +48,11 @@ def timed(fn, device: torch.device, warmup: int = 2, repeat: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, warmup: int = 2, repeat: int = 5) -> float:
     """Achieved FLOP/s of a square matrix multiply of size n (the machine's practical peak)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    s = timed(lambda: a @ b, device, warmup=2, repeat=5)
+    s = timed(lambda: a @ b, device, warmup=warmup, repeat=repeat)
     return 2 * n**3 / s
 
 
@@ -126,10 +126,12 @@ def bench_train(model, batch: int, device, amp, checkpointing: bool, steps: int,
     return {"img_per_s": batch / s, "step_s": s, "peak_gib": peak}
 
 
-def bench_sampling(net, device, runs, repeat: int = 3) -> tuple[dict, dict]:
-    """Seconds per guided sampling run, and each run's final images (for comparing variants)."""
+def bench_sampling(net, device, runs, repeat: int, flops_per_run, mm_rate) -> tuple[dict, dict, dict]:
+    """Per guided sampling run: median seconds, the network's median fraction of a matmul rate timed
+    right after each run (interleaved, so a machine whose speed drifts is compared with itself), and
+    the final images (for comparing variants)."""
     c = net.config
-    out, images_out = {}, {}
+    out, fractions, images_out = {}, {}, {}
     for name, sampler, steps, images in runs:
         noise, gens = noise_for_seeds(list(range(images)), (c.channels, c.image_size, c.image_size), device)
         labels = torch.zeros(images, dtype=torch.long, device=device)
@@ -137,9 +139,18 @@ def bench_sampling(net, device, runs, repeat: int = 3) -> tuple[dict, dict]:
         def run(noise=noise, labels=labels, sampler=sampler, steps=steps, gens=gens):
             return sample(net, noise, labels, sampler=sampler, steps=steps, guidance=2.0, generators=gens)
 
-        out[name] = timed(run, device, warmup=1, repeat=repeat)
-        images_out[name] = run().float().cpu()
-    return out, images_out
+        images_out[name] = run().float().cpu()  # also the warm-up
+        times, fracs = [], []
+        for _ in range(repeat):
+            sync(device)
+            t0 = time.perf_counter()
+            run()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+            fracs.append(flops_per_run(name) / times[-1] / mm_rate())
+        out[name] = sorted(times)[len(times) // 2]
+        fractions[name] = sorted(fracs)[len(fracs) // 2]
+    return out, fractions, images_out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--train-compile", action="store_true", help="also time torch.compile training (largest batch)")
     p.add_argument("--forward-compile", action="store_true", help="also time torch.compile forwards")
+    p.add_argument("--no-compile", action="store_true", help="CPU: skip the compiled sampling case")
     p.add_argument("--sampling-repeat", type=int, default=3, help="timed sampling runs per case (median)")
     p.add_argument("--images", type=int, default=None, help="images per sampling run (default 1 on GPU, 4 on CPU)")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "forward", "sampling"])
@@ -233,6 +245,15 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(("dpm-fast_250", "dpm-fast", 250, images))
         # fp32: the model as is; amp: FastForward autocast; graphs: FastForward with CUDA graph replay.
         variants = {"fp32": model}
+        if not gpu and not args.no_compile:
+            compiled = FastForward(model, None, cuda_graphs=False, compile=True)
+            t0 = time.perf_counter()
+            compiled.warm_up((2, 16))
+            res["compile_warm_up_s"] = time.perf_counter() - t0
+            print(
+                f"torch.compile warm-up (batches 2 and 16): {res['compile_warm_up_s']:.1f} s, {compiled.compile_state}"
+            )
+            variants["fp32+compile"] = compiled
         if amp is not None:
             variants[amp_name] = FastForward(model, amp, cuda_graphs=False)
             if gpu:
@@ -241,13 +262,20 @@ def main(argv: list[str] | None = None) -> int:
         reference: dict = {}
         for variant, net in variants.items():
             todo = runs if (variant != "fp32" or not gpu) else runs[:1]  # 250 fp32 steps add little
-            times, finals = bench_sampling(net, device, todo, repeat=args.sampling_repeat)
+            times, fractions, finals = bench_sampling(
+                net,
+                device,
+                todo,
+                args.sampling_repeat,
+                lambda k: flops1 * images * 2 * int(k.split("_")[1]),  # guided: two forwards per step
+                lambda: matmul_rate(device, mm_dtype, 8192 if gpu else 1024, warmup=1, repeat=3),
+            )
             for k, s in times.items():
                 steps = int(k.split("_")[1])
-                achieved = flops1 * images * 2 * steps / s  # guided: two forwards per step
+                achieved = flops1 * images * 2 * steps / s
                 key = f"{variant}/{k}"
                 res["sampling_s"][key] = s
-                res["sampling_fraction_of_matmul"][key] = achieved / 1e12 / res["matmul_tflops"]
+                res["sampling_fraction_of_matmul"][key] = fractions[k]
                 err = ""
                 if variant == "fp32":
                     reference[k] = finals[k]
@@ -256,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                     res["sampling_rel_err_vs_fp32"][key] = e
                     err = f"; final image rel. error vs fp32 {e:.1e}"
                 print(
-                    f"sampling {key} ({images} images, guided): {s:.3f} s; network {achieved / 1e9:.1f} GFLOP/s = {achieved / 1e12 / res['matmul_tflops'] * 100:.0f}% of matmul{err}"
+                    f"sampling {key} ({images} images, guided): {s:.3f} s; network {achieved / 1e9:.1f} GFLOP/s = "
+                    f"{fractions[k] * 100:.0f}% of the matmul rate timed beside it{err}"
                 )
             if isinstance(net, FastForward):
                 net.clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -19,6 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PARITY = Path(__file__).parent / "data" / "parity"
 
 torch.set_num_threads(1)
+# The app compiles its model in the background on the CPU; app tests run the plain network (one test
+# of the compiled path is in test_fast.py).
+os.environ.setdefault("MRDIT_COMPILE", "0")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -5,6 +5,7 @@ The CPU tests run everywhere; the CUDA tests need a GPU and check graph replay a
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, rel_err
@@ -45,6 +46,52 @@ def test_bfloat16_stays_close_on_the_shipped_model():
     assert all(o.dtype == torch.float32 for o in got)
     for a, b in zip(got, want, strict=True):
         assert rel_err(a, b) < 1e-2
+
+
+def test_compiled_cpu_forward_matches_and_keeps_the_plain_path_for_the_rest(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    fast = FastForward(model, None, cuda_graphs=False, compile=True)
+    x, t, y = _inputs(model, 3)
+    with torch.no_grad():
+        want = model(x, t, y)
+    assert fast.compile_state == "not compiled"
+    assert all(torch.equal(a, b) for a, b in zip(fast(x, t, y), want, strict=True))  # plain until compiled
+    assert fast.warm_up(batches=(2,)) and fast.compile_state == "ready"
+    got = fast(x, t, y)  # batch 3: covered by the batch-2 compile (dynamic batch)
+    assert fast.calls["compiled"] == 1
+    for a, b in zip(got, want, strict=True):
+        assert rel_err(a, b) < 1e-5
+    x1, _, y1 = _inputs(model, 1)
+    fast(x1, t, y1)  # batch 1 is specialised by the compiler: the plain network, no recompile
+    fast(x, torch.full((3,), 10.0), y)  # per-sample times were not compiled either
+    assert fast.calls == {"plain": 3, "compiled": 1, "graph": 0}
+
+
+def test_failed_compile_keeps_the_plain_network(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    fast = FastForward(model, None, cuda_graphs=False, compile=True)
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler found")
+
+    fast._compiled = broken
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        assert not fast.warm_up()
+    assert fast.compile_state.startswith("failed: RuntimeError")
+    x, t, y = _inputs(model, 2)
+    assert len(fast(x, t, y)) == len(model.config.branches) and fast.calls["plain"] == 1
+
+
+def test_pipeline_compiles_in_the_background_with_the_same_images(tiny_model_dir):
+    plain = Pipeline.from_pretrained(tiny_model_dir)
+    want = plain.generate(["face", "heart"], [3, 4], steps=6).arrays
+    pipe = Pipeline.from_pretrained(tiny_model_dir)
+    thread = pipe.compile_in_background(batches=(2,))
+    thread.join(timeout=600)
+    assert pipe.net.compile_state == "ready"
+    got = pipe.generate(["face", "heart"], [3, 4], steps=6).arrays
+    assert pipe.net.calls["compiled"] == 6
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # uint8 images: at most rounding apart
 
 
 def test_rejects_unknown_dtypes():
