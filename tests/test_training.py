@@ -259,6 +259,25 @@ def test_time_limit_saves_exports_and_resumes(tmp_path, emoji_data):
     assert r.returncode == 0 and f"resumed from step {first}" in r.stdout
     assert json.loads((run / "PAUSED").read_text())["step"] > first
     assert _run(cfg, run, "--max-minutes", "-1").returncode == 2
+    # the export of a paused run describes it (step, hardware) from PAUSED
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train" / "export.py"),
+            str(run),
+            "--name",
+            "m",
+            "--weights-dir",
+            str(tmp_path / "w"),
+            "--no-samples",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads((tmp_path / "w" / "m" / "run_info.json").read_text())
+    assert info["step"] == json.loads((run / "PAUSED").read_text())["step"] and "CPU" in info["hardware"]
 
 
 def test_non_finite_loss_stops_without_saving(tmp_path, emoji_data):

@@ -140,7 +140,9 @@ def export(run: Path, out: Path, dtype: torch.dtype = torch.float32, samples: bo
     model.eval()
     save_model(model, out, dtype=dtype)
     train_cfg = json.loads(state["train_config"])
-    done = json.loads((run / "DONE").read_text()) if (run / "DONE").is_file() else {}
+    # DONE (finished) or PAUSED (stopped by --max-minutes): whichever describes the exported step.
+    infos = [json.loads((run / f).read_text()) for f in ("DONE", "PAUSED") if (run / f).is_file()]
+    done = next((i for i in infos if i.get("step") == state["step"]), {})
     commands = (run / "command.txt").read_text().strip().splitlines() if (run / "command.txt").is_file() else ["?"]
     run_info = {
         "command": "python " + commands[0],
