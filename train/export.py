@@ -120,6 +120,7 @@ the sources above when you publish them.
 
 ```python
 from mrdit.pipeline import Pipeline
+
 pipe = Pipeline.from_pretrained("weights/{name}")
 result = pipe.generate("face", seeds=[0, 1, 2, 3], steps=25, guidance={DEFAULT_GUIDANCE})
 result.images[0].save("face.png")
