@@ -63,6 +63,7 @@ class FastForward:
         self.compile_state = "off" if not compile else "not compiled"  # -> compiling -> ready | failed: ...
         self._compiled = torch.compile(model, dynamic=True) if compile else None
         self.calls = {"plain": 0, "compiled": 0, "graph": 0}  # which path served each call
+        self.warm_thread: threading.Thread | None = None
 
     def warm_up(self, batches: Sequence[int] = (2, 16)) -> bool:
         """Compile the network for these batch sizes (2 and 16 cover 2..any: the compiler splits its
@@ -91,9 +92,11 @@ class FastForward:
 
     def warm_up_async(self, batches: Sequence[int] = (2, 16)) -> threading.Thread:
         """`warm_up` in a daemon thread; calls meanwhile run the plain network."""
-        thread = threading.Thread(target=self.warm_up, args=(tuple(batches),), daemon=True, name="mrdit-compile")
-        thread.start()
-        return thread
+        self.warm_thread = threading.Thread(
+            target=self.warm_up, args=(tuple(batches),), daemon=True, name="mrdit-compile"
+        )
+        self.warm_thread.start()
+        return self.warm_thread
 
     def _autocast(self, device: torch.device):
         if self.dtype is None:

@@ -174,6 +174,25 @@ def _run(cfg, run, *extra, timeout=300):
     )
 
 
+def _export(run, weights_dir, name, *extra):
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train" / "export.py"),
+            str(run),
+            "--name",
+            name,
+            "--weights-dir",
+            str(weights_dir),
+            *extra,
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_run_folder_and_kill_resume_is_exact(tmp_path, emoji_data):
     cfg = _config(tmp_path, emoji_data, steps=24, save_every=4, sample_every=12)
     ref = tmp_path / "ref"
@@ -260,21 +279,7 @@ def test_time_limit_saves_exports_and_resumes(tmp_path, emoji_data):
     assert json.loads((run / "PAUSED").read_text())["step"] > first
     assert _run(cfg, run, "--max-minutes", "-1").returncode == 2
     # the export of a paused run describes it (step, hardware) from PAUSED
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train" / "export.py"),
-            str(run),
-            "--name",
-            "m",
-            "--weights-dir",
-            str(tmp_path / "w"),
-            "--no-samples",
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
+    r = _export(run, tmp_path / "w", "m", "--no-samples")
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads((tmp_path / "w" / "m" / "run_info.json").read_text())
     assert info["step"] == json.loads((run / "PAUSED").read_text())["step"] and "CPU" in info["hardware"]
@@ -303,23 +308,7 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
     cfg = _config(tmp_path, emoji_data, steps=6, save_every=3, sample_every=0)
     run = tmp_path / "run"
     assert _run(cfg, run).returncode == 0
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train" / "export.py"),
-            str(run),
-            "--name",
-            "tiny-emoji",
-            "--weights-dir",
-            str(tmp_path / "w"),
-            "--dtype",
-            "float16",
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = _export(run, tmp_path / "w", "tiny-emoji", "--dtype", "float16")
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "w" / "tiny-emoji"
     card = (out / "README.md").read_text()

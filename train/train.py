@@ -211,6 +211,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         accelerator.wait_for_everyone()
 
+    def diverged(what: str) -> int:
+        """Stop without writing a state: the last good one stays the newest."""
+        bar.close()
+        print(
+            f"error: {what}; stopping without saving (the last good state in {run / 'states'} is kept). "
+            "Lower lr or set grad_clip.",
+            file=sys.stderr,
+        )
+        return 3
+
     metrics_file = open(run / "metrics.jsonl", "a") if main_proc else None
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not main_proc, dynamic_ncols=True)
     per_rank = cfg.batch_size // accelerator.num_processes
@@ -258,13 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             rate = window_imgs / max(now - window_t, 1e-9)
             loss = float(torch.stack(losses).mean())  # waits for the device, once per log interval
             if not math.isfinite(loss):
-                bar.close()
-                print(
-                    f"error: the loss is not finite ({loss}) near step {step}; stopping without saving "
-                    f"(the last good state in {run / 'states'} is kept). Lower lr or set grad_clip.",
-                    file=sys.stderr,
-                )
-                return 3
+                return diverged(f"the loss is not finite ({loss}) near step {step}")
             rec = {
                 "step": step,
                 "loss": loss,
@@ -281,16 +285,10 @@ def main(argv: list[str] | None = None) -> int:
             sample_grid(ema.model, cfg, mc, run / "samples" / f"step-{step:08d}.png", accelerator.device)
         if main_proc and args.export_every and step % args.export_every == 0:
             save_model(ema.model, run / f"ema-{step:08d}", dtype=torch.float16)
-        saving = step % cfg.save_every == 0 or step == cfg.steps or out_of_time or stop["signal"] is not None
-        if saving and not finite(unwrapped):
-            bar.close()
-            print(
-                f"error: the weights are not finite at step {step}; stopping without saving "
-                f"(the last good state in {run / 'states'} is kept). Lower lr or set grad_clip.",
-                file=sys.stderr,
-            )
-            return 3
-        if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
+        scheduled = step % cfg.save_every == 0 or step == cfg.steps or out_of_time
+        if (scheduled or stop["signal"] is not None) and not finite(unwrapped):
+            return diverged(f"the weights are not finite at step {step}")
+        if scheduled:
             checkpoint(step)
         if out_of_time:
             break
