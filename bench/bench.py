@@ -71,10 +71,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def bench_forward(model, batches, device, amp, variant: str) -> dict:
-    """Seconds per forward at each batch: `eager`, `graphs` (FastForward's CUDA graph replay) or
-    `compile` (torch.compile, default mode; the compile itself is in the warm-up, not the time)."""
+    """Seconds per forward at each batch: `eager`, `graphs` (FastForward's CUDA graph replay),
+    `compile` (torch.compile, default mode; the compile itself is in the warm-up, not the time) or
+    `compile+graphs` (FastForward's graphs of the compiled network)."""
     c = model.config
-    fast = FastForward(model, amp, cuda_graphs=True) if variant == "graphs" else None
+    fast = None
+    if variant in ("graphs", "compile+graphs"):
+        fast = FastForward(model, amp, cuda_graphs=True, compile=variant == "compile+graphs")
     net = torch.compile(model) if variant == "compile" else model
     out = {}
     for b in batches:
@@ -173,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-compile", action="store_true", help="also time torch.compile training (largest batch)")
     p.add_argument("--forward-compile", action="store_true", help="also time torch.compile forwards")
     p.add_argument("--no-compile", action="store_true", help="CPU: skip the compiled sampling case")
+    p.add_argument(
+        "--sampling-compile", action="store_true", help="GPU: also time sampling with graphs of the compiled network"
+    )
     p.add_argument("--sampling-repeat", type=int, default=3, help="timed sampling runs per case (median)")
     p.add_argument("--images", type=int, default=None, help="images per sampling run (default 1 on GPU, 4 on CPU)")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "forward", "sampling"])
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         res["forward_s"] = {}
         variants = ["eager", "graphs"] if gpu else ["eager"]
         if args.forward_compile:
-            variants.append("compile")
+            variants += ["compile", "compile+graphs"] if gpu else ["compile"]
         for variant in variants:
             res["forward_s"][variant] = bench_forward(model, forward_batches, device, amp, variant)
             for b, s in res["forward_s"][variant].items():
@@ -258,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             variants[amp_name] = FastForward(model, amp, cuda_graphs=False)
             if gpu:
                 variants[f"{amp_name}+graphs"] = FastForward(model, amp, cuda_graphs=True)
+                if args.sampling_compile:  # compiles in the first (untimed) run of each case
+                    variants[f"{amp_name}+compile+graphs"] = FastForward(model, amp, cuda_graphs=True, compile=True)
         res["sampling_s"], res["sampling_fraction_of_matmul"], res["sampling_rel_err_vs_fp32"] = {}, {}, {}
         reference: dict = {}
         for variant, net in variants.items():

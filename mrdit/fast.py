@@ -1,5 +1,6 @@
 """Fast inference forward for sampling: autocast to a low-precision dtype, replay of one captured
-CUDA graph per input shape on a GPU, or a `torch.compile`d network on the CPU.
+CUDA graph per input shape on a GPU (of the plain or the `torch.compile`d network), or a compiled
+network on the CPU.
 
 A sampler calls the network hundreds of times with the same shapes. At small batch a GPU then waits
 on Python and kernel launches, not on arithmetic; a captured graph launches the whole forward at once.
@@ -31,14 +32,16 @@ class _Graph:
 
 class FastForward:
     """`model(x, t, y)` under autocast(`dtype`), with CUDA graphs on a CUDA device when `cuda_graphs`,
-    or through `torch.compile` once `warm_up()` has compiled it when `compile` (not with CUDA graphs).
+    and through `torch.compile` when `compile`.
 
     Graphs are captured lazily for each (x shape, t shape, y shape) and kept (`max_graphs` at most,
     oldest dropped); outputs are copied out of the graph's buffers, so callers may keep them.
     The compiled network is used only after `warm_up` (which may run in a background thread while
     calls go to the plain network), and only for what the warm-up compiled: one shared time step and
     batches of 2 or more (the compiler specialises batch 1). Anything else, or a failed compile (no C++
-    compiler, say), runs the plain network. Inference only: no gradients.
+    compiler, say), runs the plain network. With CUDA graphs and `compile`, each graph captures the
+    compiled network (fused kernels, compiled for that shape in the capture's warm-up; minutes for a
+    large model); if compiling fails the plain network is captured instead. Inference only.
     """
 
     def __init__(
@@ -61,7 +64,9 @@ class FastForward:
         self._graphs: dict[tuple, _Graph] = {}
         self.compile = compile
         self.compile_state = "off" if not compile else "not compiled"  # -> compiling -> ready | failed: ...
-        self._compiled = torch.compile(model, dynamic=True) if compile else None
+        on_cuda = next(model.parameters()).is_cuda
+        # Graphs fix every shape, so the compiler may specialise; the CPU path serves any batch.
+        self._compiled = torch.compile(model, dynamic=not (cuda_graphs and on_cuda)) if compile else None
         self.calls = {"plain": 0, "compiled": 0, "graph": 0}  # which path served each call
         self.warm_thread: threading.Thread | None = None
 
@@ -84,8 +89,7 @@ class FastForward:
                     with self._autocast(device):
                         self._compiled(x, t, y)
         except Exception as e:  # no compiler, unsupported platform...: keep the plain network
-            self.compile_state = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            warnings.warn(f"torch.compile is not used ({self.compile_state})", stacklevel=2)
+            self._compile_failed(e)
             return False
         self.compile_state = "ready"
         return True
@@ -130,17 +134,37 @@ class FastForward:
 
     def _capture(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> _Graph:
         sx, st, sy = x.clone(), t.clone(), y.clone()
-        stream = torch.cuda.Stream(device=x.device)
-        stream.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
-            for _ in range(self.warmup):
-                with self._autocast(x.device):
-                    [o.float() for o in self.model(sx, st, sy)]
-        torch.cuda.current_stream(x.device).wait_stream(stream)
+        if self._compiled is not None:
+            try:  # compiles for this shape in the warm-up, outside the capture
+                self._warm(self._compiled, sx, st, sy)
+                graph = self._record(self._compiled, sx, st, sy)
+                self.compile_state = "ready"
+                return graph
+            except Exception as e:  # no Triton, an unsupported GPU, compiled code that cannot be captured
+                self._compile_failed(e)
+        self._warm(self.model, sx, st, sy)
+        return self._record(self.model, sx, st, sy)
+
+    def _record(self, net, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> _Graph:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), self._autocast(x.device):
-            outs = [o.float() for o in self.model(sx, st, sy)]
-        return _Graph(graph, sx, st, sy, outs)
+            outs = [o.float() for o in net(x, t, y)]
+        return _Graph(graph, x, t, y, outs)
+
+    def _warm(self, net, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        """`warmup` calls off the default stream, as capture requires (lazy inits, allocator pools)."""
+        stream = torch.cuda.Stream(device=x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup):
+                with self._autocast(x.device):
+                    [o.float() for o in net(x, t, y)]
+        torch.cuda.current_stream(x.device).wait_stream(stream)
+
+    def _compile_failed(self, e: Exception) -> None:
+        self.compile_state = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        self._compiled = None
+        warnings.warn(f"torch.compile is not used ({self.compile_state})", stacklevel=3)
 
     def clear(self) -> None:
         """Drop the captured graphs (and the memory they hold)."""

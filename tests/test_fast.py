@@ -118,6 +118,27 @@ def test_cuda_graph_replay_matches_eager_and_survives_new_inputs():
 
 
 @cuda
+def test_cuda_graphs_of_the_compiled_network_match_eager_and_fall_back():
+    torch.manual_seed(0)
+    model = build_model(get_preset("emoji-32"), device="cuda").eval()
+    eager = FastForward(model, torch.bfloat16, cuda_graphs=False)
+    compiled = FastForward(model, torch.bfloat16, cuda_graphs=True, compile=True)
+    x, t, y = _inputs(model, 4, "cuda")
+    for a, b in zip(compiled(x, t, y), eager(x, t, y), strict=True):
+        assert rel_err(a, b) < 2e-2  # fused bf16 kernels round differently
+    assert compiled.compile_state == "ready" and compiled.calls["graph"] == 1
+
+    def broken(*args):
+        raise RuntimeError("no Triton")
+
+    failing = FastForward(model, torch.bfloat16, cuda_graphs=True, compile=True)
+    failing._compiled = broken
+    with pytest.warns(UserWarning, match="no Triton"):
+        out = failing(x, t, y)
+    assert failing.compile_state.startswith("failed") and rel_err(out[-1], eager(x, t, y)[-1]) < 1e-3
+
+
+@cuda
 def test_cuda_sampling_and_pipeline_match_the_cpu():
     model = load_model(ROOT / "weights" / "mrdit-emoji-32")
     noise, _ = noise_for_seeds([0, 1], (3, 32, 32))
