@@ -67,14 +67,19 @@ def test_compiled_cpu_forward_matches_and_keeps_the_plain_path_for_the_rest(tiny
     assert fast.calls == {"plain": 3, "compiled": 1, "graph": 0}
 
 
+def _broken_compiler(message: str):
+    """Stands in for a compiled network whose compilation fails."""
+
+    def broken(*args):
+        raise RuntimeError(message)
+
+    return broken
+
+
 def test_failed_compile_keeps_the_plain_network(tiny_model_dir):
     model = load_model(tiny_model_dir)
     fast = FastForward(model, None, cuda_graphs=False, compile=True)
-
-    def broken(*args):
-        raise RuntimeError("no C++ compiler found")
-
-    fast._compiled = broken
+    fast._compiled = _broken_compiler("no C++ compiler found")
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
         assert not fast.warm_up()
     assert fast.compile_state.startswith("failed: RuntimeError")
@@ -128,11 +133,8 @@ def test_cuda_graphs_of_the_compiled_network_match_eager_and_fall_back():
         assert rel_err(a, b) < 2e-2  # fused bf16 kernels round differently
     assert compiled.compile_state == "ready" and compiled.calls["graph"] == 1
 
-    def broken(*args):
-        raise RuntimeError("no Triton")
-
     failing = FastForward(model, torch.bfloat16, cuda_graphs=True, compile=True)
-    failing._compiled = broken
+    failing._compiled = _broken_compiler("no Triton")
     with pytest.warns(UserWarning, match="no Triton"):
         out = failing(x, t, y)
     assert failing.compile_state.startswith("failed") and rel_err(out[-1], eager(x, t, y)[-1]) < 1e-3
