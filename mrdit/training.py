@@ -40,6 +40,7 @@ class TrainConfig:
     steps: int = 20000
     lr: float = 5e-4
     warmup_steps: int = 500
+    decay_steps: int = 0  # linear cool-down to 0 over the last decay_steps; 0 = constant (the release)
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.03
     label_dropout: float = 0.1
@@ -67,6 +68,7 @@ class TrainConfig:
             ("steps", self.steps >= 1, "must be >= 1"),
             ("lr", self.lr > 0 and math.isfinite(self.lr), "must be positive"),
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+            ("decay_steps", 0 <= self.decay_steps <= self.steps, "must be in [0, steps]"),
             ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "must be two numbers in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("label_dropout", 0 <= self.label_dropout < 1, "must be in [0, 1)"),
@@ -108,10 +110,18 @@ class TrainConfig:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up from 0 over `warmup_steps`, then constant (the release's schedule)."""
+    """Linear warm-up from 0 over `warmup_steps`, then constant (the release's schedule).
+
+    With `decay_steps` > 0 the last `decay_steps` steps cool down linearly towards 0 (warm-up, stable,
+    decay), which lets a long constant-rate run be finished off without restarting it.
+    """
+    lr = cfg.lr
     if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr
+        lr = cfg.lr * (step + 1) / cfg.warmup_steps
+    start = cfg.steps - cfg.decay_steps
+    if cfg.decay_steps and step >= start:
+        lr = min(lr, cfg.lr * (cfg.steps - step) / cfg.decay_steps)
+    return lr
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

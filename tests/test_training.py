@@ -17,6 +17,7 @@ from conftest import ROOT, tiny_vae
 from safetensors.torch import load_file
 
 from mrdit import build_model, get_preset, load_model
+from mrdit.config import ConfigError
 from mrdit.data import load_emoji
 from mrdit.losses import diffusion_loss
 from mrdit.training import (
@@ -75,6 +76,17 @@ def test_lr_warmup_then_constant():
     cfg = TrainConfig(lr=1e-3, warmup_steps=10)
     assert lr_at(0, cfg) == pytest.approx(1e-4)
     assert lr_at(9, cfg) == pytest.approx(1e-3) and lr_at(5000, cfg) == 1e-3
+
+
+def test_lr_cool_down_over_the_last_decay_steps():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, steps=100, decay_steps=20)
+    assert lr_at(79, cfg) == 1e-3
+    assert lr_at(80, cfg) == pytest.approx(1e-3) and lr_at(90, cfg) == pytest.approx(5e-4)
+    assert lr_at(99, cfg) == pytest.approx(5e-5) and lr_at(99, cfg) > 0
+    lrs = [lr_at(s, cfg) for s in range(80, 100)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+    with pytest.raises(ConfigError, match="decay_steps"):
+        TrainConfig(steps=100, decay_steps=101)
 
 
 def test_weight_decay_excludes_td_gates():
