@@ -317,14 +317,15 @@ def test_dry_run_and_help(tmp_path, emoji_data):
 
 
 def test_export_load_sample_and_card(tmp_path, emoji_data):
-    cfg = _config(tmp_path, emoji_data, steps=6, save_every=3, sample_every=0)
+    cfg = _config(tmp_path, emoji_data, steps=6, save_every=3, sample_every=0, decay_steps=3)
     run = tmp_path / "run"
     assert _run(cfg, run).returncode == 0
     r = _export(run, tmp_path / "w", "tiny-emoji", "--dtype", "float16")
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "w" / "tiny-emoji"
     card = (out / "README.md").read_text()
-    for needle in ("CC-BY 4.0", "Apache-2.0", "MIT", "train/train.py", "Steps: 6"):
+    recipe = "learning rate 0.001 after 2 warm-up steps, constant, then a linear cool-down over the last 3 steps"
+    for needle in ("CC-BY 4.0", "Apache-2.0", "MIT", "train/train.py", "Steps: 6", recipe, "EMA 0.9"):
         assert needle in card, needle
     assert (out / "samples.png").is_file()
     m = load_model(out)

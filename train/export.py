@@ -47,6 +47,34 @@ def commands_line(run_info: dict) -> str:
     return "Commands, in order (the run resumed itself from its saved state): " + "; ".join(f"`{c}`" for c in commands)
 
 
+RECIPE_KEYS = (
+    "lr",
+    "warmup_steps",
+    "decay_steps",
+    "betas",
+    "weight_decay",
+    "ema_decay",
+    "label_dropout",
+    "flips",
+    "mixed_precision",
+)
+
+
+def recipe_line(cfg: dict) -> str:
+    """The card's recipe line from a saved training config (none for exports that predate it)."""
+    if not cfg:
+        return ""
+    lr = f"{cfg['lr']:g} after {cfg['warmup_steps']:,} warm-up steps"
+    decay = cfg.get("decay_steps", 0)
+    lr += f", constant, then a linear cool-down over the last {decay:,} steps" if decay else ", then constant"
+    flips = "random horizontal flips" if cfg.get("flips", True) else "no flips"
+    return (
+        f"- Recipe: AdamW (betas {tuple(cfg['betas'])}, weight decay {cfg['weight_decay']:g}), learning rate {lr}; "
+        f"EMA {cfg['ema_decay']:g}; label dropout {cfg['label_dropout']:g}; {flips}; "
+        f"{'float32' if cfg['mixed_precision'] == 'no' else cfg['mixed_precision'] + ' autocast'}\n"
+    )
+
+
 def card(name: str, mc: ModelConfig, n_params: int, run_info: dict, evaluation: dict | None) -> str:
     branches = "\n".join(
         f"| {k} | {b.kind} | {b.grid}x{b.grid} (patch {b.patch}) | {b.width} | {b.blocks} | {b.heads or '-'} |"
@@ -104,7 +132,7 @@ Noise schedule: {mc.schedule.kind}, {mc.schedule.num_steps} steps; loss weights 
 
 - {commands_line(run_info)}
 - Steps: {run_info.get("step", "?")} at batch {run_info.get("batch_size", "?")}; wall time {run_info.get("elapsed_min", "?")} min
-- Hardware: {run_info.get("hardware", "?")}
+{recipe_line(run_info.get("recipe", {}))}- Hardware: {run_info.get("hardware", "?")}
 - Data: `python train/prepare_emoji.py` (three emoji styles from the npm registry, {mc.num_classes - 1} classes, {mc.image_size} px)
 
 ## Data, licences and attribution
@@ -152,6 +180,7 @@ def export(run: Path, out: Path, dtype: torch.dtype = torch.float32, samples: bo
         "batch_size": train_cfg["batch_size"],
         "elapsed_min": f"{state.get('elapsed', 0) / 60:.0f}",
         "hardware": done.get("hardware", "see run folder"),
+        "recipe": {k: train_cfg.get(k) for k in RECIPE_KEYS if k in train_cfg},
     }
     (out / "run_info.json").write_text(json.dumps(run_info, indent=2))
     write_card(out)
