@@ -297,6 +297,15 @@ def test_time_limit_saves_exports_and_resumes(tmp_path, emoji_data):
     assert info["step"] == json.loads((run / "PAUSED").read_text())["step"] and "CPU" in info["hardware"]
 
 
+def test_time_limit_reached_on_the_last_step_finishes_the_run(tmp_path, emoji_data):
+    cfg = _config(tmp_path, emoji_data, steps=4, save_every=100, sample_every=0, log_every=4)
+    run = tmp_path / "run"
+    r = _run(cfg, run, "--max-minutes", "0.0001")  # already late when the limit is first checked, at step 4
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "done: 4 steps" in r.stdout and "time limit" not in r.stdout
+    assert json.loads((run / "DONE").read_text())["step"] == 4 and not (run / "PAUSED").exists()
+
+
 def test_non_finite_loss_stops_without_saving(tmp_path, emoji_data):
     cfg = _config(tmp_path, emoji_data, steps=40, save_every=4, sample_every=0, log_every=4, lr=1e30, warmup_steps=0)
     run = tmp_path / "nan"

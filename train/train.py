@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
     bar.close()
+    out_of_time = out_of_time and step < cfg.steps  # a limit reached on the last step still finishes the run
     if main_proc:
         # The inference export of the EMA weights, ready for train/export.py or mrdit.load_model.
         save_model(ema.model, run / "ema")
