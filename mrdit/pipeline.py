@@ -26,7 +26,7 @@ from .visual import to_uint8
 
 MAX_IMAGES = 16
 MAX_SEED = 2**63 - 1
-DEFAULT_GUIDANCE = 4.0  # w for the demo models: best Frechet distance of 2/4/6 (train/evaluate.py); 6 is more accurate
+DEFAULT_GUIDANCE = 4.0  # w for the demos: best Frechet distance of 4/5/6/8 (train/evaluate.py)
 PREVIEW_MAX = 128  # decoded previews of latent models are stored at most this size
 
 

@@ -118,8 +118,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     lr = cfg.lr
     if cfg.warmup_steps and step < cfg.warmup_steps:
         lr = cfg.lr * (step + 1) / cfg.warmup_steps
-    start = cfg.steps - cfg.decay_steps
-    if cfg.decay_steps and step >= start:
+    if cfg.decay_steps and step >= cfg.steps - cfg.decay_steps:
         lr = min(lr, cfg.lr * (cfg.steps - step) / cfg.decay_steps)
     return lr
 

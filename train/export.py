@@ -68,10 +68,10 @@ def recipe_line(cfg: dict) -> str:
     decay = cfg.get("decay_steps", 0)
     lr += f", constant, then a linear cool-down over the last {decay:,} steps" if decay else ", then constant"
     flips = "random horizontal flips" if cfg.get("flips", True) else "no flips"
+    precision = "float32" if cfg["mixed_precision"] == "no" else f"{cfg['mixed_precision']} autocast"
     return (
         f"- Recipe: AdamW (betas {tuple(cfg['betas'])}, weight decay {cfg['weight_decay']:g}), learning rate {lr}; "
-        f"EMA {cfg['ema_decay']:g}; label dropout {cfg['label_dropout']:g}; {flips}; "
-        f"{'float32' if cfg['mixed_precision'] == 'no' else cfg['mixed_precision'] + ' autocast'}\n"
+        f"EMA {cfg['ema_decay']:g}; label dropout {cfg['label_dropout']:g}; {flips}; {precision}\n"
     )
 
 
@@ -180,7 +180,7 @@ def export(run: Path, out: Path, dtype: torch.dtype = torch.float32, samples: bo
         "batch_size": train_cfg["batch_size"],
         "elapsed_min": f"{state.get('elapsed', 0) / 60:.0f}",
         "hardware": done.get("hardware", "see run folder"),
-        "recipe": {k: train_cfg.get(k) for k in RECIPE_KEYS if k in train_cfg},
+        "recipe": {k: train_cfg[k] for k in RECIPE_KEYS if k in train_cfg},
     }
     (out / "run_info.json").write_text(json.dumps(run_info, indent=2))
     write_card(out)
