@@ -28,6 +28,8 @@ from mrdit.losses import multiscale_loss
 from mrdit.sampling import noise_for_seeds, sample
 from mrdit.training import TrainConfig, make_optimizer
 
+FORWARD_VARIANTS = ("eager", "graphs", "compile", "compile+graphs")
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -70,16 +72,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def bench_forward(model, batches, device, amp, variant: str) -> dict:
-    """Seconds per forward at each batch: `eager`, `graphs` (FastForward's CUDA graph replay),
-    `compile` (torch.compile, default mode; the compile itself is in the warm-up, not the time) or
-    `compile+graphs` (FastForward's graphs of the compiled network)."""
+def bench_forward(model, batches, device, amp, variant: str, fast: FastForward | None = None) -> dict:
+    """Seconds per forward at each batch, and the first call's seconds (any compile or capture):
+    `eager`, `graphs` (FastForward's CUDA graph replay), `compile` (torch.compile, default mode) or
+    `compile+graphs` (FastForward's graphs of the compiled network; pass `fast` to share its compiled
+    code with the sampling cases)."""
     c = model.config
-    fast = None
-    if variant in ("graphs", "compile+graphs"):
+    if variant in ("graphs", "compile+graphs") and fast is None:
         fast = FastForward(model, amp, cuda_graphs=True, compile=variant == "compile+graphs")
     net = torch.compile(model) if variant == "compile" else model
-    out = {}
+    out, first = {}, {}
     for b in batches:
         x = torch.randn(b, c.channels, c.image_size, c.image_size, device=device)
         t = torch.full((1,), 500.0, device=device)
@@ -92,10 +94,15 @@ def bench_forward(model, batches, device, amp, variant: str) -> dict:
             with torch.no_grad(), autocast(device, amp):
                 net(x, t, y)
 
+        sync(device)
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        first[b] = time.perf_counter() - t0
         out[b] = timed(run, device)
         if fast is not None:
             fast.clear()
-    return out
+    return {"median_s": out, "first_call_s": first}
 
 
 def bench_train(model, batch: int, device, amp, checkpointing: bool, steps: int, compiled: bool = False) -> dict:
@@ -175,6 +182,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--train-compile", action="store_true", help="also time torch.compile training (largest batch)")
     p.add_argument("--forward-compile", action="store_true", help="also time torch.compile forwards")
+    p.add_argument(
+        "--forward-variants",
+        nargs="+",
+        choices=FORWARD_VARIANTS,
+        default=None,
+        help="time only these forward variants (default: eager, graphs on GPU, and the compiled ones with "
+        "--forward-compile)",
+    )
+    p.add_argument(
+        "--compile-batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batches for the compiled forward variants (default: --forward-batches; each is a compile)",
+    )
+    p.add_argument(
+        "--sampling-variants",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="time only these sampling cases (fp32, fp32+compile, bf16, bf16+graphs, bf16+compile+graphs; "
+        "fp32 is the reference for the error column)",
+    )
     p.add_argument("--no-compile", action="store_true", help="CPU: skip the compiled sampling case")
     p.add_argument(
         "--sampling-compile", action="store_true", help="GPU: also time sampling with graphs of the compiled network"
@@ -232,17 +262,38 @@ def main(argv: list[str] | None = None) -> int:
         f"{name}: {res['params']:,} parameters, {flops1 / 2e9:.2f} GMAC per image forward; matmul {res['matmul_tflops']:.3f} TFLOP/s ({mm_dtype})"
     )
 
+    # One FastForward of the compiled network, shared by the forward and sampling cases: its compiled
+    # code (minutes per shape for a large model) is reused, only the graphs are recaptured.
+    shared: dict[str, FastForward] = {}
+
+    def compiled_graphs() -> FastForward:
+        if "fast" not in shared:
+            shared["fast"] = FastForward(model, amp, cuda_graphs=True, compile=True)
+        return shared["fast"]
+
     if "forward" not in args.skip:
-        res["forward_s"] = {}
-        variants = ["eager", "graphs"] if gpu else ["eager"]
-        if args.forward_compile:
-            variants += ["compile", "compile+graphs"] if gpu else ["compile"]
+        res["forward_s"], res["forward_first_call_s"] = {}, {}
+        variants = args.forward_variants or (
+            (["eager", "graphs"] if gpu else ["eager"])
+            + ((["compile", "compile+graphs"] if gpu else ["compile"]) if args.forward_compile else [])
+        )
         for variant in variants:
-            res["forward_s"][variant] = bench_forward(model, forward_batches, device, amp, variant)
-            for b, s in res["forward_s"][variant].items():
+            if variant in ("graphs", "compile+graphs") and not gpu:
+                p.error(f"forward variant {variant} needs a CUDA device")
+            compiled = variant in ("compile", "compile+graphs")
+            batches = (args.compile_batches or forward_batches) if compiled else forward_batches
+            fast = compiled_graphs() if variant == "compile+graphs" else None
+            r = bench_forward(model, batches, device, amp, variant, fast)
+            res["forward_s"][variant], res["forward_first_call_s"][variant] = r["median_s"], r["first_call_s"]
+            if fast is not None:  # a failed compile falls back to graphs of the plain network: say so
+                res["compile_state"] = fast.compile_state
+                print(f"compile+graphs: {fast.compile_state}")
+            save()
+            for b, s in r["median_s"].items():
                 tf = flops1 * b / s / 1e12
                 print(
-                    f"forward {variant:6s} batch {b:4d}: {s * 1000:8.1f} ms  ({tf:.3f} TFLOP/s, {tf / res['matmul_tflops'] * 100:.0f}% of matmul)"
+                    f"forward {variant:6s} batch {b:4d}: {s * 1000:8.1f} ms  ({tf:.3f} TFLOP/s, {tf / res['matmul_tflops'] * 100:.0f}% of matmul; "
+                    f"first call {r['first_call_s'][b]:.1f} s)"
                 )
     save()
     if "sampling" not in args.skip:
@@ -251,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(("dpm-fast_250", "dpm-fast", 250, images))
         # fp32: the model as is; amp: FastForward autocast; graphs: FastForward with CUDA graph replay.
         variants = {"fp32": model}
-        if not gpu and not args.no_compile:
+        wanted = set(args.sampling_variants or ["fp32+compile"])
+        if not gpu and not args.no_compile and "fp32+compile" in wanted:
             compiled = FastForward(model, None, cuda_graphs=False, compile=True)
             t0 = time.perf_counter()
             compiled.warm_up((2, 16))
@@ -264,8 +316,15 @@ def main(argv: list[str] | None = None) -> int:
             variants[amp_name] = FastForward(model, amp, cuda_graphs=False)
             if gpu:
                 variants[f"{amp_name}+graphs"] = FastForward(model, amp, cuda_graphs=True)
-                if args.sampling_compile:  # compiles in the first (untimed) run of each case
-                    variants[f"{amp_name}+compile+graphs"] = FastForward(model, amp, cuda_graphs=True, compile=True)
+                if args.sampling_compile:  # compiles in the first (untimed) run, unless a forward case did
+                    variants[f"{amp_name}+compile+graphs"] = compiled_graphs()
+        if args.sampling_variants:
+            unknown = sorted(set(args.sampling_variants) - set(variants))
+            if unknown:
+                p.error(
+                    f"--sampling-variants: {', '.join(unknown)} not available here (available: {', '.join(variants)})"
+                )
+            variants = {k: v for k, v in variants.items() if k in args.sampling_variants}
         res["sampling_s"], res["sampling_fraction_of_matmul"], res["sampling_rel_err_vs_fp32"] = {}, {}, {}
         reference: dict = {}
         for variant, net in variants.items():

@@ -269,7 +269,10 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, emoji_data):
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 0 and "state saved" in out
-    assert load_latest_state(run)["step"] >= 1
+    state = load_latest_state(run)
+    assert state["step"] >= 1
+    exported = load_model(run / "ema").state_dict()  # the EMA model at the stop is exported too
+    assert all(torch.equal(exported[k], v) for k, v in state["ema"].items())
 
 
 def test_time_limit_saves_exports_and_resumes(tmp_path, emoji_data):

@@ -296,10 +296,14 @@ def main(argv: list[str] | None = None) -> int:
             if step % cfg.save_every:
                 checkpoint(step)
             bar.close()
-            print(
-                f"stopped by signal {stop['signal']} at step {step}; state saved, run the same command to resume",
-                flush=True,
-            )
+            if main_proc:
+                save_model(ema.model, run / "ema")
+                print(
+                    f"stopped by signal {stop['signal']} at step {step}; state saved and EMA model in {run / 'ema'}, "
+                    "run the same command to resume",
+                    flush=True,
+                )
+            accelerator.wait_for_everyone()
             return 0
     bar.close()
     out_of_time = out_of_time and step < cfg.steps  # a limit reached on the last step still finishes the run
