@@ -41,9 +41,15 @@ def main(argv: list[str] | None = None) -> int:
         "--display", type=int, default=96, help="panel size in the GIF and grid (nearest-neighbour, default 96)"
     )
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the network before sampling (torch.compile; on a GPU, graphs of the compiled network): "
+        "a one-off wait (about a minute per batch shape for a large model), then faster steps",
+    )
     args = p.parse_args(argv)
     try:
-        pipe = Pipeline.from_pretrained(args.model, device=args.device)
+        pipe = Pipeline.from_pretrained(args.model, device=args.device, compile=args.compile)
         if args.num_images < 1:
             raise InputError("--num-images must be >= 1")
         settings = pipe.validate(

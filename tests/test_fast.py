@@ -99,6 +99,13 @@ def test_pipeline_compiles_in_the_background_with_the_same_images(tiny_model_dir
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # uint8 images: at most rounding apart
 
 
+def test_pipeline_compile_true_waits_for_the_compile_on_the_cpu(tiny_model_dir):
+    pipe = Pipeline.from_pretrained(tiny_model_dir, compile=True)
+    assert isinstance(pipe.net, FastForward) and pipe.net.compile_state == "ready"
+    pipe.generate(["face", "heart"], [3, 4], steps=2)
+    assert pipe.net.calls["compiled"] == 2 and pipe.net.calls["plain"] == 0
+
+
 def test_rejects_unknown_dtypes():
     with pytest.raises(ValueError, match="dtype"):
         FastForward(build_model(get_preset("tiny")), torch.int8)
@@ -155,3 +162,13 @@ def test_cuda_sampling_and_pipeline_match_the_cpu():
     assert isinstance(pipe.net, FastForward)
     result = pipe.generate(["face", "heart"], [0, 1], steps=10)
     assert len(result.images) == 2 and result.images[0].size == (32, 32)
+
+
+@cuda
+def test_cuda_pipeline_with_compile_captures_the_compiled_network():
+    plain = Pipeline.from_pretrained(ROOT / "weights" / "mrdit-emoji-32", device="cuda")
+    pipe = Pipeline.from_pretrained(ROOT / "weights" / "mrdit-emoji-32", device="cuda", compile=True)
+    want = plain.generate(["face", "heart"], [0, 1], steps=10).arrays
+    got = pipe.generate(["face", "heart"], [0, 1], steps=10).arrays
+    assert pipe.net.compile and pipe.net.compile_state == "ready" and pipe.net.calls["graph"] == 10
+    assert np.abs(got.astype(int) - want.astype(int)).mean() < 4  # both bf16; different fusions round apart
