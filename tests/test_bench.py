@@ -1,0 +1,35 @@
+"""The speed benchmark runs on the CPU and writes what it printed (short form: a tiny random model)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+BENCH = [sys.executable, str(ROOT / "bench" / "bench.py"), "--preset", "tiny", "--device", "cpu"]
+
+
+def test_bench_writes_forward_sampling_and_training_numbers(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--forward-batches", "1", "2", "--no-compile", "--sampling-repeat", "1", "--train-steps", "1"]
+    r = subprocess.run([*BENCH, *args, "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["params"] > 0 and res["gflops_per_image_forward"] > 0 and res["matmul_tflops"] > 0
+    assert set(res["forward_s"]["eager"]) == {"1", "2"} and all(v > 0 for v in res["forward_s"]["eager"].values())
+    assert res["sampling_s"]["fp32/dpm++2m_25"] > 0 and 0 < res["sampling_fraction_of_matmul"]["fp32/dpm++2m_25"]
+    assert res["train"]["b32_nockpt"]["img_per_s"] > 0 and res["train"]["b32_ckpt"]["img_per_s"] > 0
+    assert "forward eager  batch    2" in r.stdout and f"wrote {out}" in r.stdout
+
+
+def test_bench_rejects_variants_it_cannot_run_here(tmp_path):
+    r = subprocess.run(
+        [*BENCH, "--skip", "train", "sampling", "--forward-variants", "graphs"], capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "needs a CUDA device" in r.stderr
+    r = subprocess.run(
+        [*BENCH, "--skip", "train", "forward", "--sampling-variants", "bf16+graphs"], capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "bf16+graphs not available here" in r.stderr
