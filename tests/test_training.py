@@ -494,3 +494,24 @@ def test_frechet_distance_known_values():
     assert frechet_distance(a, a) < 1e-6
     assert abs(frechet_distance(a, b) - 1.0) < 0.1  # mean shift of 1
     assert abs(frechet_distance(a, c) - 4.0) < 0.2  # trace term: 4 * (1 + 4 - 2 * 2) = 4
+
+
+def test_card_recipe_names_a_later_phase():
+    sys.path.insert(0, str(ROOT / "train"))
+    from export import recipe_line
+
+    cfg = {
+        "lr": 5e-4,
+        "warmup_steps": 500,
+        "decay_steps": 0,
+        "betas": [0.9, 0.99],
+        "weight_decay": 0.03,
+        "ema_decay": 0.999,
+        "label_dropout": 0.1,
+        "mixed_precision": "no",
+    }
+    line = recipe_line(cfg)
+    assert line.startswith("- Recipe: AdamW") and line.endswith("float32\n") and "then constant" in line
+    later = recipe_line(cfg, "batch 512 for 1,300 steps")
+    assert later == line[:-1] + "; then batch 512 for 1,300 steps\n"
+    assert recipe_line({}, "ignored") == ""

@@ -60,8 +60,9 @@ RECIPE_KEYS = (
 )
 
 
-def recipe_line(cfg: dict) -> str:
-    """The card's recipe line from a saved training config (none for exports that predate it)."""
+def recipe_line(cfg: dict, then: str = "") -> str:
+    """The card's recipe line from a saved training config (none for exports that predate it); `then`
+    describes a later phase of the same run (a resume with another batch size or schedule)."""
     if not cfg:
         return ""
     lr = f"{cfg['lr']:g} after {cfg['warmup_steps']:,} warm-up steps"
@@ -71,7 +72,9 @@ def recipe_line(cfg: dict) -> str:
     precision = "float32" if cfg["mixed_precision"] == "no" else f"{cfg['mixed_precision']} autocast"
     return (
         f"- Recipe: AdamW (betas {tuple(cfg['betas'])}, weight decay {cfg['weight_decay']:g}), learning rate {lr}; "
-        f"EMA {cfg['ema_decay']:g}; label dropout {cfg['label_dropout']:g}; {flips}; {precision}\n"
+        f"EMA {cfg['ema_decay']:g}; label dropout {cfg['label_dropout']:g}; {flips}; {precision}"
+        + (f"; then {then}" if then else "")
+        + "\n"
     )
 
 
@@ -132,7 +135,7 @@ Noise schedule: {mc.schedule.kind}, {mc.schedule.num_steps} steps; loss weights 
 
 - {commands_line(run_info)}
 - Steps: {run_info.get("step", "?")} at batch {run_info.get("batch_size", "?")}; wall time {run_info.get("elapsed_min", "?")} min
-{recipe_line(run_info.get("recipe", {}))}- Hardware: {run_info.get("hardware", "?")}
+{recipe_line(run_info.get("recipe", {}), run_info.get("recipe_then", ""))}- Hardware: {run_info.get("hardware", "?")}
 - Data: `python train/prepare_emoji.py` (three emoji styles from the npm registry, {mc.num_classes - 1} classes, {mc.image_size} px)
 
 ## Data, licences and attribution
