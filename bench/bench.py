@@ -181,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-batches", type=int, nargs="+", default=None)
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--train-compile", action="store_true", help="also time torch.compile training (largest batch)")
+    p.add_argument(
+        "--train-compile-ckpt",
+        action="store_true",
+        help="also time torch.compile training with activation checkpointing (largest batch)",
+    )
     p.add_argument("--forward-compile", action="store_true", help="also time torch.compile forwards")
     p.add_argument(
         "--forward-variants",
@@ -362,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         cases = [(b, ckpt, False) for b in train_batches for ckpt in (False, True)]
         if args.train_compile:
             cases.append((max(train_batches), False, True))
+        if args.train_compile_ckpt:
+            cases.append((max(train_batches), True, True))
         for b, ckpt, compiled in cases:
             key = f"b{b}_{'ckpt' if ckpt else 'nockpt'}{'_compile' if compiled else ''}"
             try:
