@@ -285,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             if variant in ("graphs", "compile+graphs") and not gpu:
                 p.error(f"forward variant {variant} needs a CUDA device")
-            compiled = variant in ("compile", "compile+graphs")
-            batches = (args.compile_batches or forward_batches) if compiled else forward_batches
+            is_compiled = variant in ("compile", "compile+graphs")
+            batches = (args.compile_batches or forward_batches) if is_compiled else forward_batches
             fast = compiled_graphs() if variant == "compile+graphs" else None
             r = bench_forward(model, batches, device, amp, variant, fast)
             res["forward_s"][variant], res["forward_first_call_s"][variant] = r["median_s"], r["first_call_s"]
@@ -307,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(("dpm-fast_250", "dpm-fast", 250, images))
         # fp32: the model as is; amp: FastForward autocast; graphs: FastForward with CUDA graph replay.
         variants = {"fp32": model}
-        wanted = set(args.sampling_variants or ["fp32+compile"])
-        if not gpu and not args.no_compile and "fp32+compile" in wanted:
+        cpu_compile_wanted = not args.sampling_variants or "fp32+compile" in args.sampling_variants
+        if not gpu and not args.no_compile and cpu_compile_wanted:
             compiled = FastForward(model, None, cuda_graphs=False, compile=True)
             t0 = time.perf_counter()
             compiled.warm_up((2, 16))

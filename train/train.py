@@ -6,7 +6,7 @@
 The run folder holds the resolved config, JSONL metrics, sample grids from the EMA model and the
 full training state (model, EMA, optimizer, step), written atomically every `save_every` steps.
 Starting the same command again resumes from the newest complete state by itself; SIGTERM/SIGINT
-save and exit cleanly. Batches, noise and label dropout are functions of (seed, step, rank), so a
+save the state and the EMA model and exit cleanly. Batches, noise and label dropout are functions of (seed, step, rank), so a
 resumed run ends with the same weights as an uninterrupted one.
 """
 
