@@ -14,6 +14,7 @@ BENCH = [sys.executable, str(ROOT / "bench" / "bench.py"), "--preset", "tiny", "
 def test_bench_writes_forward_sampling_and_training_numbers(tmp_path):
     out = tmp_path / "bench.json"
     args = ["--forward-batches", "1", "2", "--no-compile", "--sampling-repeat", "1", "--train-steps", "1"]
+    args += ["--train-compile-blocks"]
     r = subprocess.run([*BENCH, *args, "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -21,6 +22,7 @@ def test_bench_writes_forward_sampling_and_training_numbers(tmp_path):
     assert set(res["forward_s"]["eager"]) == {"1", "2"} and all(v > 0 for v in res["forward_s"]["eager"].values())
     assert res["sampling_s"]["fp32/dpm++2m_25"] > 0 and 0 < res["sampling_fraction_of_matmul"]["fp32/dpm++2m_25"]
     assert res["train"]["b32_nockpt"]["img_per_s"] > 0 and res["train"]["b32_ckpt"]["img_per_s"] > 0
+    assert res["train"]["b32_ckpt_compile_blocks"]["img_per_s"] > 0  # regional compilation inside checkpointing
     assert "forward eager  batch    2" in r.stdout and f"wrote {out}" in r.stdout
 
 
