@@ -6,8 +6,8 @@
 The run folder holds the resolved config, JSONL metrics, sample grids from the EMA model and the
 full training state (model, EMA, optimizer, step), written atomically every `save_every` steps.
 Starting the same command again resumes from the newest complete state by itself; SIGTERM/SIGINT
-save the state and the EMA model and exit cleanly. Batches, noise and label dropout are functions of (seed, step, rank), so a
-resumed run ends with the same weights as an uninterrupted one.
+save the state and the EMA model and exit cleanly. Batches, noise and label dropout are functions of
+(seed, step, rank), so a resumed run ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -290,28 +290,23 @@ def main(argv: list[str] | None = None) -> int:
             return diverged(f"the weights are not finite at step {step}")
         if scheduled:
             checkpoint(step)
-        if out_of_time:
+        if stop["signal"] is not None and not scheduled:
+            checkpoint(step)
+        if out_of_time or stop["signal"] is not None:
             break
-        if stop["signal"] is not None:
-            if step % cfg.save_every:
-                checkpoint(step)
-            bar.close()
-            if main_proc:
-                save_model(ema.model, run / "ema")
-                print(
-                    f"stopped by signal {stop['signal']} at step {step}; state saved and EMA model in {run / 'ema'}, "
-                    "run the same command to resume",
-                    flush=True,
-                )
-            accelerator.wait_for_everyone()
-            return 0
     bar.close()
-    out_of_time = out_of_time and step < cfg.steps  # a limit reached on the last step still finishes the run
+    stopped_early = step < cfg.steps  # a limit or signal reached on the last step still finishes the run
     if main_proc:
         # The inference export of the EMA weights, ready for train/export.py or mrdit.load_model.
         save_model(ema.model, run / "ema")
         info = {"step": step, "elapsed_s": elapsed, "hardware": hardware(accelerator)}
-        if out_of_time:
+        if stopped_early and stop["signal"] is not None:
+            print(
+                f"stopped by signal {stop['signal']} at step {step}; state saved and EMA model in {run / 'ema'}, "
+                "run the same command to resume",
+                flush=True,
+            )
+        elif stopped_early:
             (run / "PAUSED").write_text(json.dumps(info))
             print(
                 f"time limit: stopped at step {step} of {cfg.steps} after {elapsed / 60:.1f} min; state saved and "
