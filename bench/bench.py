@@ -24,11 +24,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mrdit import build_model, get_preset, load_model
 from mrdit.fast import FastForward
+from mrdit.layers import DEPTHWISE_IMPLS
 from mrdit.losses import multiscale_loss
 from mrdit.sampling import noise_for_seeds, sample
 from mrdit.training import TrainConfig, make_optimizer
 
-FORWARD_VARIANTS = ("eager", "graphs", "compile", "compile+graphs")
+FORWARD_VARIANTS = ("eager", "graphs", "compile", "compile+graphs", "compile-blocks")
+TRAIN_MODES = ("plain", "ckpt", "compile", "compile+ckpt", "blocks", "blocks+ckpt")
 
 
 def sync(device: torch.device) -> None:
@@ -72,15 +74,37 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def bench_forward(model, batches, device, amp, variant: str, fast: FastForward | None = None) -> dict:
+def bench_forward(
+    model, batches, device, amp, variant: str, fast: FastForward | None = None, profile: bool = False
+) -> dict:
     """Seconds per forward at each batch, and the first call's seconds (any compile or capture):
-    `eager`, `graphs` (FastForward's CUDA graph replay), `compile` (torch.compile, default mode) or
+    `eager`, `graphs` (FastForward's CUDA graph replay), `compile` (torch.compile, default mode),
     `compile+graphs` (FastForward's graphs of the compiled network; pass `fast` to share its compiled
-    code with the sampling cases)."""
-    c = model.config
+    code with the sampling cases) or `compile-blocks` (each block compiled in place). `profile`: also
+    the top kernels of one forward at the largest batch."""
     if variant in ("graphs", "compile+graphs") and fast is None:
         fast = FastForward(model, amp, cuda_graphs=True, compile=variant == "compile+graphs")
     net = torch.compile(model) if variant == "compile" else model
+    with compiled_blocks(model, variant == "compile-blocks"):
+        return _bench_forward(model.config, net, batches, device, amp, fast, profile)
+
+
+def top_kernels(fn, device: torch.device, rows: int = 15) -> tuple[list[dict], str]:
+    """Profile one call of `fn`: the kernels (or CPU ops) taking the most device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:rows]
+    top = [{"name": e.key[:120], "calls": e.count, "ms": getattr(e, key) / 1000} for e in events]
+    table = "\n".join(f"{r['ms']:9.2f} ms {r['calls']:5d}x  {r['name']}" for r in top)
+    return top, table
+
+
+def _bench_forward(c, net, batches, device, amp, fast: FastForward | None, profile: bool) -> dict:
     out, first = {}, {}
     for b in batches:
         x = torch.randn(b, c.channels, c.image_size, c.image_size, device=device)
@@ -100,9 +124,14 @@ def bench_forward(model, batches, device, amp, variant: str, fast: FastForward |
         sync(device)
         first[b] = time.perf_counter() - t0
         out[b] = timed(run, device)
+        if profile and b == max(batches):
+            prof, prof_table = top_kernels(run, device)
         if fast is not None:
             fast.clear()
-    return {"median_s": out, "first_call_s": first}
+    res = {"median_s": out, "first_call_s": first}
+    if profile:
+        res["profile"], res["profile_table"] = prof, prof_table
+    return res
 
 
 def block_modules(model) -> list[torch.nn.Module]:
@@ -111,17 +140,77 @@ def block_modules(model) -> list[torch.nn.Module]:
     return [blk for t in trunks for blk in t.blocks]
 
 
-def bench_train(model, batch: int, device, amp, checkpointing: bool, steps: int, compiled: bool | str = False) -> dict:
+@contextlib.contextmanager
+def compiled_blocks(model, enabled: bool = True, memory_budget: float | None = None):
+    """Regional compilation for the duration: each block compiled in place (identical blocks share
+    the compiled code). `memory_budget` (0..1] is the fraction of the activations the compiled
+    backward may keep; the rest is recomputed (torch._functorch.config.activation_memory_budget)."""
+    if not enabled:
+        yield
+        return
+    import torch._functorch.config as functorch_config
+
+    old_budget = functorch_config.activation_memory_budget
+    if memory_budget is not None:  # compiled code is not guarded on the budget: start from scratch
+        torch._dynamo.reset()
+        functorch_config.activation_memory_budget = memory_budget
+    for blk in block_modules(model):
+        blk.compile()
+    try:
+        yield
+    finally:
+        for blk in block_modules(model):
+            blk._compiled_call_impl = None  # back to the plain forward (nn.Module.compile is in place)
+        if memory_budget is not None:
+            functorch_config.activation_memory_budget = old_budget
+            torch._dynamo.reset()
+
+
+def parse_train_case(spec: str) -> tuple[int, str, float | None]:
+    """'128:blocks+ckpt' or '128:blocks@0.5' -> (batch, mode, memory budget)."""
+    try:
+        batch, rest = spec.split(":")
+        mode, _, budget = rest.partition("@")
+        if mode not in TRAIN_MODES:
+            raise ValueError
+        b = float(budget) if budget else None
+        if b is not None and not 0 < b <= 1:
+            raise ValueError
+        return int(batch), mode, b
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"train case {spec!r}: expected BATCH:MODE[@BUDGET], MODE one of {', '.join(TRAIN_MODES)}, BUDGET in (0, 1]"
+        ) from None
+
+
+def bench_train(
+    model,
+    batch: int,
+    device,
+    amp,
+    checkpointing: bool,
+    steps: int,
+    compiled: bool | str = False,
+    memory_budget: float | None = None,
+) -> dict:
     """Training img/s and peak memory. `compiled`: False, True (the whole model through torch.compile)
     or "blocks" (each block compiled in place, regional compilation: identical blocks share the compiled
-    code, so it compiles in a fraction of the time and works inside activation checkpointing)."""
+    code, so it compiles in a fraction of the time and works inside activation checkpointing).
+    `memory_budget`: see `compiled_blocks`."""
+    with compiled_blocks(model, compiled == "blocks", memory_budget):
+        if compiled is True and memory_budget is not None:
+            import torch._functorch.config as functorch_config
+
+            with functorch_config.patch(activation_memory_budget=memory_budget):
+                return _bench_train(model, batch, device, amp, checkpointing, steps, compiled)
+        return _bench_train(model, batch, device, amp, checkpointing, steps, compiled)
+
+
+def _bench_train(model, batch: int, device, amp, checkpointing: bool, steps: int, compiled: bool | str) -> dict:
     c = model.config
     model.train()
     model.set_grad_checkpointing(checkpointing)
     net = torch.compile(model) if compiled is True else model
-    if compiled == "blocks":
-        for blk in block_modules(model):
-            blk.compile()
     opt = make_optimizer(model, TrainConfig())
     x = torch.randn(batch, c.channels, c.image_size, c.image_size, device=device)
     n = torch.randint(1, 1001, (batch,), device=device).float()
@@ -142,9 +231,6 @@ def bench_train(model, batch: int, device, amp, checkpointing: bool, steps: int,
         torch.cuda.reset_peak_memory_stats()
     s = timed(step, device, warmup=3 if compiled else 2, repeat=steps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    if compiled == "blocks":
-        for blk in block_modules(model):
-            blk._compiled_call_impl = None  # back to the plain forward (nn.Module.compile is in place)
     model.zero_grad(set_to_none=True)
     model.set_grad_checkpointing(False)
     model.eval()
@@ -206,6 +292,28 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time training with each block compiled (regional compilation) and checkpointing (largest batch)",
     )
+    p.add_argument(
+        "--train-cases",
+        nargs="+",
+        type=parse_train_case,
+        default=None,
+        metavar="BATCH:MODE[@BUDGET]",
+        help="time only these training cases, e.g. 128:ckpt 128:blocks+ckpt 128:blocks@0.4; MODE: "
+        + ", ".join(TRAIN_MODES)
+        + " (blocks: each block compiled in place); BUDGET: fraction of activations a compiled backward "
+        "keeps (the rest is recomputed)",
+    )
+    p.add_argument(
+        "--depthwise",
+        choices=DEPTHWISE_IMPLS,
+        default=None,
+        help="how ConvNeXt blocks run the depthwise convolution (default: the model's, 'conv')",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each forward variant, profile one forward at the largest batch and record the top kernels",
+    )
     p.add_argument("--forward-compile", action="store_true", help="also time torch.compile forwards")
     p.add_argument(
         "--forward-variants",
@@ -262,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.model
         else build_model(get_preset(args.preset or "dimr-xl-2r"), device=device).eval()
     )
+    if args.depthwise:
+        model.set_depthwise(args.depthwise)
     name = str(args.model or args.preset or "dimr-xl-2r")
     res: dict = {
         "model": name,
@@ -271,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "amp": amp_name,
         "params": sum(p.numel() for p in model.parameters()),
+        "depthwise": args.depthwise or "conv",
     }
 
     def save() -> None:
@@ -308,8 +419,11 @@ def main(argv: list[str] | None = None) -> int:
             is_compiled = variant in ("compile", "compile+graphs")
             batches = (args.compile_batches or forward_batches) if is_compiled else forward_batches
             fast = compiled_graphs() if variant == "compile+graphs" else None
-            r = bench_forward(model, batches, device, amp, variant, fast)
+            r = bench_forward(model, batches, device, amp, variant, fast, profile=args.profile)
             res["forward_s"][variant], res["forward_first_call_s"][variant] = r["median_s"], r["first_call_s"]
+            if "profile" in r:
+                res.setdefault("forward_profile", {})[variant] = r["profile"]
+                print(f"profile of {variant}, batch {max(batches)}:\n{r['profile_table']}")
             if fast is not None:  # a failed compile falls back to graphs of the plain network: say so
                 res["compile_state"] = fast.compile_state
                 print(f"compile+graphs: {fast.compile_state}")
@@ -384,18 +498,23 @@ def main(argv: list[str] | None = None) -> int:
     save()
     if "train" not in args.skip:
         res["train"] = {}
-        cases = [(b, ckpt, False) for b in train_batches for ckpt in (False, True)]
-        if args.train_compile:
-            cases.append((max(train_batches), False, True))
-        if args.train_compile_ckpt:
-            cases.append((max(train_batches), True, True))
-        if args.train_compile_blocks:
-            cases.append((max(train_batches), True, "blocks"))
-        for b, ckpt, compiled in cases:
+        if args.train_cases:
+            cases = args.train_cases
+        else:
+            cases = [(b, mode, None) for b in train_batches for mode in ("plain", "ckpt")]
+            if args.train_compile:
+                cases.append((max(train_batches), "compile", None))
+            if args.train_compile_ckpt:
+                cases.append((max(train_batches), "compile+ckpt", None))
+            if args.train_compile_blocks:
+                cases.append((max(train_batches), "blocks+ckpt", None))
+        for b, mode, budget in cases:
+            ckpt = mode.endswith("ckpt")
+            compiled = {"compile": True, "blocks": "blocks"}.get(mode.split("+")[0], False)
             suffix = {False: "", True: "_compile", "blocks": "_compile_blocks"}[compiled]
-            key = f"b{b}_{'ckpt' if ckpt else 'nockpt'}{suffix}"
+            key = f"b{b}_{'ckpt' if ckpt else 'nockpt'}{suffix}" + (f"_budget{budget:g}" if budget else "")
             try:
-                r = bench_train(model, b, device, amp, ckpt, args.train_steps, compiled)
+                r = bench_train(model, b, device, amp, ckpt, args.train_steps, compiled, budget)
             except torch.OutOfMemoryError:
                 r = {"error": "out of memory"}
                 torch.cuda.empty_cache()
