@@ -24,10 +24,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mrdit import build_model, get_preset, load_model
 from mrdit.fast import FastForward
-from mrdit.layers import DEPTHWISE_IMPLS
 from mrdit.losses import multiscale_loss
 from mrdit.sampling import noise_for_seeds, sample
-from mrdit.training import TrainConfig, make_optimizer
+from mrdit.training import TrainConfig, make_optimizer, repeated_blocks
 
 FORWARD_VARIANTS = ("eager", "graphs", "compile", "compile+graphs", "compile-blocks")
 TRAIN_MODES = ("plain", "ckpt", "compile", "compile+ckpt", "blocks", "blocks+ckpt")
@@ -134,12 +133,6 @@ def _bench_forward(c, net, batches, device, amp, fast: FastForward | None, profi
     return res
 
 
-def block_modules(model) -> list[torch.nn.Module]:
-    """The repeated blocks of every branch (what regional compilation compiles once per kind)."""
-    trunks = [model.trunk] if hasattr(model, "trunk") else list(model.branches)
-    return [blk for t in trunks for blk in t.blocks]
-
-
 @contextlib.contextmanager
 def compiled_blocks(model, enabled: bool = True, memory_budget: float | None = None):
     """Regional compilation for the duration: each block compiled in place (identical blocks share
@@ -154,12 +147,12 @@ def compiled_blocks(model, enabled: bool = True, memory_budget: float | None = N
     if memory_budget is not None:  # compiled code is not guarded on the budget: start from scratch
         torch._dynamo.reset()
         functorch_config.activation_memory_budget = memory_budget
-    for blk in block_modules(model):
+    for blk in repeated_blocks(model):
         blk.compile()
     try:
         yield
     finally:
-        for blk in block_modules(model):
+        for blk in repeated_blocks(model):
             blk._compiled_call_impl = None  # back to the plain forward (nn.Module.compile is in place)
         if memory_budget is not None:
             functorch_config.activation_memory_budget = old_budget
@@ -304,12 +297,6 @@ def main(argv: list[str] | None = None) -> int:
         "keeps (the rest is recomputed)",
     )
     p.add_argument(
-        "--depthwise",
-        choices=DEPTHWISE_IMPLS,
-        default=None,
-        help="how ConvNeXt blocks run the depthwise convolution (default: the model's, 'conv')",
-    )
-    p.add_argument(
         "--profile",
         action="store_true",
         help="after each forward variant, profile one forward at the largest batch and record the top kernels",
@@ -370,8 +357,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.model
         else build_model(get_preset(args.preset or "dimr-xl-2r"), device=device).eval()
     )
-    if args.depthwise:
-        model.set_depthwise(args.depthwise)
     name = str(args.model or args.preset or "dimr-xl-2r")
     res: dict = {
         "model": name,
@@ -381,7 +366,6 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "amp": amp_name,
         "params": sum(p.numel() for p in model.parameters()),
-        "depthwise": args.depthwise or "conv",
     }
 
     def save() -> None:

@@ -115,47 +115,17 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(x, tau)  # (B, N, D)
 
 
-def depthwise_shifted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Depthwise 'same' convolution of channels-last x (B, H, W, D) as a sum of k*k shifted products.
-
-    The same function as `F.conv2d(..., groups=D)`, written as elementwise work so that `torch.compile`
-    fuses it (forward and backward) into a few memory-bound kernels instead of calling a depthwise
-    convolution kernel. Eagerly it is slow (2 k^2 kernels); it is meant for compiled code.
-    """
-    B, H, W, D = x.shape
-    k = weight.shape[-1]
-    p = k // 2
-    xp = F.pad(x, (0, 0, p, p, p, p))  # (B, H + 2p, W + 2p, D)
-    w = weight.reshape(D, k * k).t().to(x.dtype)  # (k*k, D)
-    out = bias.to(x.dtype).expand(B, H, W, D)
-    for i in range(k):
-        for j in range(k):
-            out = out + xp[:, i : i + H, j : j + W] * w[i * k + j]  # (B, H, W, D)
-    return out
-
-
-DEPTHWISE_IMPLS = ("conv", "shifted")
-
-
 class ConvNeXtBlock(nn.Module):
-    """x += depthwise conv (no norm, no activation); x += GEGLU(x). Two residuals, as released.
-
-    `depthwise` picks how the depthwise convolution runs: "conv" (a convolution kernel) or "shifted"
-    (`depthwise_shifted`, for compiled code); same parameters, same function.
-    """
+    """x += depthwise conv (no norm, no activation); x += GEGLU(x). Two residuals, as released."""
 
     def __init__(self, dim: int, hidden: int, kernel: int) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
         self.mlp = GEGLU(dim, hidden)
-        self.depthwise = "conv"
 
     def forward(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        if self.depthwise == "shifted":
-            x = x + depthwise_shifted(x, self.dwconv.weight, self.dwconv.bias)  # (B, H, W, D)
-        else:
-            # The permute makes an NCHW view with channels-last strides: the fast depthwise path on CPU.
-            x = x + self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, D)
+        # The permute makes an NCHW view with channels-last strides: the fast depthwise path on CPU.
+        x = x + self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, D)
         return x + self.mlp(x, tau)  # (B, H, W, D)
 
 

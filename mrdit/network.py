@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import BranchSpec, ModelConfig
-from .layers import DEPTHWISE_IMPLS, ConvHead, ConvNeXtBlock, TransformerBlock, Upsampler
+from .layers import ConvHead, ConvNeXtBlock, TransformerBlock, Upsampler
 
 
 def step_to_tau(t: torch.Tensor, num_steps: int) -> torch.Tensor:
@@ -109,15 +109,6 @@ class DiMR(nn.Module):
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         for b in self.branches:
             b.grad_checkpointing = enabled
-
-    def set_depthwise(self, impl: str) -> None:
-        """How the ConvNeXt blocks run their depthwise convolution: "conv" or "shifted" (see
-        `layers.depthwise_shifted`); the parameters and the function are the same."""
-        if impl not in DEPTHWISE_IMPLS:
-            raise ValueError(f"depthwise must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
-        for m in self.modules():
-            if isinstance(m, ConvNeXtBlock):
-                m.depthwise = impl
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         check_inputs(self.config, x, t, y)

@@ -24,10 +24,12 @@ from mrdit.training import (
     EMA,
     TrainConfig,
     batch_indices,
+    compile_for_training,
     list_states,
     load_latest_state,
     lr_at,
     make_optimizer,
+    repeated_blocks,
     save_state,
 )
 
@@ -515,3 +517,61 @@ def test_card_recipe_names_a_later_phase():
     later = recipe_line(cfg, "batch 512 for 1,300 steps")
     assert later == line[:-1] + "; then batch 512 for 1,300 steps\n"
     assert recipe_line({}, "ignored") == ""
+
+
+def test_compile_options_are_checked():
+    TrainConfig(compile="blocks", activation_memory_budget=0.25)
+    for bad, msg in [
+        ({"compile": "fast"}, "compile: must be"),
+        ({"activation_memory_budget": 0.5}, "below 1 needs compile"),
+        ({"compile": True, "activation_memory_budget": 0.0}, "must be in \\(0, 1\\]"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            TrainConfig(**bad)
+
+
+def _saved_bytes(fn, *args) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward of fn(*args)."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args).sum().backward()
+    return sum(storages.values())
+
+
+def test_regional_compile_trains_like_plain_and_the_budget_keeps_less():
+    import torch._functorch.config as functorch_config
+
+    torch.manual_seed(0)
+    plain = build_model(get_preset("tiny")).train()
+    x, n, y = torch.randn(4, 3, 16, 16), torch.tensor([10.0, 300.0, 600.0, 990.0]), torch.tensor([0, 1, 2, 3])
+    sum(o.square().mean() for o in plain(x, n, y)).backward()
+    want = [p.grad.clone() for p in plain.parameters()]
+    block, z, tau = plain.branches[0].blocks[0], torch.randn(16, 17, 32, requires_grad=True), torch.rand(16)
+    full = _saved_bytes(torch.compile(block), z, tau)
+    with functorch_config.patch(activation_memory_budget=1.0):  # restored afterwards: a process-wide setting
+        torch._dynamo.reset()
+        model = build_model(get_preset("tiny")).train()
+        model.load_state_dict(plain.state_dict())
+        net = compile_for_training(model, "blocks", memory_budget=0.3)
+        assert net is model and all(b._compiled_call_impl is not None for b in repeated_blocks(model))
+        sum(o.square().mean() for o in net(x, n, y)).backward()
+        got = [p.grad.clone() for p in model.parameters()]
+        budgeted = _saved_bytes(model.branches[0].blocks[0], z, tau)
+    torch._dynamo.reset()
+    bad = [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if not torch.allclose(a, b, rtol=1e-4, atol=1e-6)]
+    assert not bad, [(i, float((got[i] - want[i]).abs().max()), float(want[i].abs().max())) for i in bad]
+    assert budgeted < 0.7 * full, (budgeted, full)  # the compiled backward recomputes instead of keeping
+
+
+def test_train_with_compiled_blocks_and_a_memory_budget(tmp_path, emoji_data):
+    cfg = _config(tmp_path, emoji_data, steps=4, save_every=4, sample_every=0)
+    r = _run(cfg, tmp_path / "run", "--set", 'compile="blocks"', "activation_memory_budget=0.5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["compile"] == "blocks" and saved["activation_memory_budget"] == 0.5
+    assert [s for s, _ in list_states(tmp_path / "run")] == [4]

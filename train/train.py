@@ -35,6 +35,7 @@ from mrdit.training import (
     EMA,
     TrainConfig,
     batch_indices,
+    compile_for_training,
     load_latest_state,
     lr_at,
     make_optimizer,
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         model = model.to(memory_format=torch.channels_last)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.model.to(accelerator.device)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = compile_for_training(model, cfg.compile, cfg.activation_memory_budget)
     unwrapped = accelerator.unwrap_model(model)
     schedule = NoiseSchedule(mc.schedule)
 
