@@ -14,7 +14,7 @@ BENCH = [sys.executable, str(ROOT / "bench" / "bench.py"), "--preset", "tiny", "
 def test_bench_writes_forward_sampling_and_training_numbers(tmp_path):
     out = tmp_path / "bench.json"
     args = ["--forward-batches", "1", "2", "--no-compile", "--sampling-repeat", "1", "--train-steps", "1"]
-    args += ["--train-compile-blocks"]
+    args += ["--train-cases", "32:plain", "32:ckpt", "32:blocks+ckpt", "32:blocks@0.5", "--profile"]
     r = subprocess.run([*BENCH, *args, "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -23,6 +23,8 @@ def test_bench_writes_forward_sampling_and_training_numbers(tmp_path):
     assert res["sampling_s"]["fp32/dpm++2m_25"] > 0 and 0 < res["sampling_fraction_of_matmul"]["fp32/dpm++2m_25"]
     assert res["train"]["b32_nockpt"]["img_per_s"] > 0 and res["train"]["b32_ckpt"]["img_per_s"] > 0
     assert res["train"]["b32_ckpt_compile_blocks"]["img_per_s"] > 0  # regional compilation inside checkpointing
+    assert res["train"]["b32_nockpt_compile_blocks_budget0.5"]["img_per_s"] > 0  # a compiled-backward memory budget
+    assert res["forward_profile"]["eager"][0]["ms"] > 0 and "profile of eager, batch 2" in r.stdout
     assert "forward eager  batch    2" in r.stdout and f"wrote {out}" in r.stdout
 
 
@@ -35,3 +37,5 @@ def test_bench_rejects_variants_it_cannot_run_here(tmp_path):
         [*BENCH, "--skip", "train", "forward", "--sampling-variants", "bf16+graphs"], capture_output=True, text=True
     )
     assert r.returncode == 2 and "bf16+graphs not available here" in r.stderr
+    r = subprocess.run([*BENCH, "--train-cases", "128:fast"], capture_output=True, text=True)
+    assert r.returncode == 2 and "expected BATCH:MODE[@BUDGET]" in r.stderr
