@@ -7,6 +7,11 @@ Measures: training img/s and peak memory (with and without activation checkpoint
 at several batch sizes, end-to-end guided sampling latency (250-step dpm-fast, 25-step dpm++2m),
 model FLOPs (torch.utils.flop_counter) and the achieved fraction of a matrix-multiply rate measured in
 the same run. No gradio or diffusers needed.
+
+    python bench/bench.py --preset dimr-xl-2r --device cuda --skip forward sampling \
+        --train-cases 128:ckpt 128:blocks@0.25      # eager checkpointed vs compiled blocks + memory budget
+    python bench/bench.py --preset dimr-xl-2r --device cuda --skip train sampling --forward-batches 256 \
+        --forward-variants compile-blocks --profile  # where a compiled forward's time goes
 """
 
 from __future__ import annotations
