@@ -374,7 +374,10 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
     assert r.returncode == 0, r.stderr[-2000:]
     ev = json.loads((out / "eval.json").read_text())
     assert 0 <= ev["accuracy"] <= 1 and ev["fd"] >= 0 and ev["fd_floor"] >= 0 and ev["sec_per_image"] > 0
-    assert "class accuracy of samples" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "class accuracy of samples" in card and "real validation emoji" in card
+    assert set(ev["classifier_val_per_class_accuracy"]) == set(ev["per_class_accuracy"])
+    assert "| class | tiny-emoji | real validation emoji |" in r.stdout
     assert (tmp_path / "fig.png").is_file() and "| tiny-emoji |" in r.stdout
 
 

@@ -84,8 +84,21 @@ def train_classifier(train: TensorImageDataset, epochs: int, seed: int = 0) -> E
     return clf.eval()
 
 
-def classifier(data: Path, size: int, epochs: int) -> tuple[EmojiClassifier, float]:
-    """The cached classifier for a dataset (trained on first use) and its validation accuracy."""
+def per_class_accuracy(pred: torch.Tensor, y: torch.Tensor, class_names: list[str]) -> dict[str, float | None]:
+    """Accuracy within each class (None for a class with no examples)."""
+    return {
+        name: float((pred[y == c] == c).float().mean()) if bool((y == c).any()) else None
+        for c, name in enumerate(class_names)
+    }
+
+
+def percent(a: float | None) -> str:
+    return "-" if a is None else f"{a * 100:.0f}%"
+
+
+def classifier(data: Path, size: int, epochs: int) -> tuple[EmojiClassifier, float, dict[str, float]]:
+    """The cached classifier for a dataset (trained on first use), its accuracy on the validation split
+    and that accuracy per class: how well the judge itself recognises real emoji of each class."""
     train, val = load_emoji(data, "train", size), load_emoji(data, "val", size)
     path = data / f"classifier-{size}.safetensors"
     clf = EmojiClassifier(len(train.class_names))
@@ -97,8 +110,8 @@ def classifier(data: Path, size: int, epochs: int) -> tuple[EmojiClassifier, flo
         save_file(clf.state_dict(), str(path))
     x, y = val.batch(torch.arange(len(val)))
     with torch.no_grad():
-        acc = float((clf(x).argmax(1) == y).float().mean())
-    return clf, acc
+        pred = clf(x).argmax(1)
+    return clf, float((pred == y).float().mean()), per_class_accuracy(pred, y, val.class_names)
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -139,7 +152,7 @@ def evaluate(
     with torch.no_grad():
         pred = clf(x).argmax(1)
     xv, _ = val.batch(torch.arange(len(val)))
-    per_class_acc = {name: float((pred[y == c] == c).float().mean()) for c, name in enumerate(pipe.class_names)}
+    per_class_acc = per_class_accuracy(pred, y, pipe.class_names)
     return {
         "accuracy": float((pred == y).float().mean()),
         "per_class_accuracy": per_class_acc,
@@ -204,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     size = json.loads((args.models[0] / "config.json").read_text())["image_size"]
-    clf, val_acc = classifier(args.data, size, args.classifier_epochs)
+    clf, val_acc, val_per_class = classifier(args.data, size, args.classifier_epochs)
     train, val = load_emoji(args.data, "train", size), load_emoji(args.data, "val", size)
     xt, _ = train.batch(torch.arange(len(train)))
     xv, _ = val.batch(torch.arange(len(val)))
@@ -217,7 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for m in args.models:
         r = evaluate(m, clf, args.data, args.per_class, args.steps, args.guidance, args.sampler)
-        r |= {"fd_floor": floor, "classifier_val_accuracy": val_acc, "command": command, "hardware": hardware}
+        r |= {
+            "fd_floor": floor,
+            "classifier_val_accuracy": val_acc,
+            "classifier_val_per_class_accuracy": val_per_class,
+            "command": command,
+            "hardware": hardware,
+        }
         rows.append((m.name, r))
         if not args.no_card:
             (m / "eval.json").write_text(json.dumps(r, indent=2))
@@ -235,7 +254,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n| model | accuracy | FD (floor {floor:.2f}) | s / image |\n|---|---|---|---|")
     for name, r in rows:
         print(f"| {name} | {r['accuracy'] * 100:.1f}% | {r['fd']:.2f} | {r['sec_per_image']:.3f} |")
+    print("\n" + per_class_table(rows, val_per_class))
     return 0
+
+
+def per_class_table(rows: list[tuple[str, dict]], val_per_class: dict[str, float]) -> str:
+    """Markdown: per class, each model's sample accuracy next to the classifier's on real validation emoji."""
+    head = "| class | " + " | ".join(name for name, _ in rows) + " | real validation emoji |"
+    lines = [head, "|---" * (len(rows) + 2) + "|"]
+    for cname, real in val_per_class.items():
+        cells = " | ".join(percent(r["per_class_accuracy"][cname]) for _, r in rows)
+        lines.append(f"| {cname} | {cells} | {percent(real)} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,17 @@ def card(name: str, mc: ModelConfig, n_params: int, run_info: dict, evaluation: 
             f"| sampling time per image ({evaluation['sampler']}, {evaluation['steps']} steps, guidance {evaluation['guidance']}) | {evaluation['sec_per_image'] * 1000:.0f} ms |\n"
             f"\n{evaluation['samples_per_class']} samples per class, seeds 0..{evaluation['samples_per_class'] - 1}."
         )
+        real = evaluation.get("classifier_val_per_class_accuracy")
+        if real:  # how the judge does on real emoji of each class: the ceiling it puts on the samples' score
+            pct = lambda a: "-" if a is None else f"{a * 100:.0f}%"  # noqa: E731 - None: no examples of the class
+            rows = "\n".join(
+                f"| {c} | {pct(evaluation['per_class_accuracy'][c])} | {pct(a)} |" for c, a in real.items()
+            )
+            quality += (
+                "\n\nPer class, the samples' accuracy next to the classifier's own accuracy on real validation "
+                f"emoji (overall {evaluation['classifier_val_accuracy'] * 100:.1f}%):\n\n"
+                f"| class | samples | real validation emoji |\n|---|---|---|\n{rows}"
+            )
     else:
         quality = "Not measured yet: run `python train/evaluate.py weights/" + name + "`."
     return f"""---
