@@ -139,29 +139,37 @@ def _bench_forward(c, net, batches, device, amp, fast: FastForward | None, profi
 
 
 @contextlib.contextmanager
-def compiled_blocks(model, enabled: bool = True, memory_budget: float | None = None):
-    """Regional compilation for the duration: each block compiled in place (identical blocks share
-    the compiled code). `memory_budget` (0..1] is the fraction of the activations the compiled
-    backward may keep; the rest is recomputed (torch._functorch.config.activation_memory_budget)."""
-    if not enabled:
+def memory_budget_scope(memory_budget: float | None):
+    """For the duration, a compiled backward keeps only this fraction (0..1] of the activations and
+    recomputes the rest (torch._functorch.config.activation_memory_budget). Compiled code is not
+    guarded on the budget, so compiled code is dropped on entry and exit."""
+    if memory_budget is None:
         yield
         return
     import torch._functorch.config as functorch_config
 
-    old_budget = functorch_config.activation_memory_budget
-    if memory_budget is not None:  # compiled code is not guarded on the budget: start from scratch
+    torch._dynamo.reset()
+    try:
+        with functorch_config.patch(activation_memory_budget=memory_budget):
+            yield
+    finally:
         torch._dynamo.reset()
-        functorch_config.activation_memory_budget = memory_budget
+
+
+@contextlib.contextmanager
+def compiled_blocks(model, enabled: bool = True):
+    """Regional compilation for the duration: each block compiled in place (identical blocks share
+    the compiled code), back to the plain forward afterwards."""
+    if not enabled:
+        yield
+        return
     for blk in repeated_blocks(model):
         blk.compile()
     try:
         yield
     finally:
         for blk in repeated_blocks(model):
-            blk._compiled_call_impl = None  # back to the plain forward (nn.Module.compile is in place)
-        if memory_budget is not None:
-            functorch_config.activation_memory_budget = old_budget
-            torch._dynamo.reset()
+            blk._compiled_call_impl = None  # nn.Module.compile is in place
 
 
 def parse_train_case(spec: str) -> tuple[int, str, float | None]:
@@ -194,13 +202,8 @@ def bench_train(
     """Training img/s and peak memory. `compiled`: False, True (the whole model through torch.compile)
     or "blocks" (each block compiled in place, regional compilation: identical blocks share the compiled
     code, so it compiles in a fraction of the time and works inside activation checkpointing).
-    `memory_budget`: see `compiled_blocks`."""
-    with compiled_blocks(model, compiled == "blocks", memory_budget):
-        if compiled is True and memory_budget is not None:
-            import torch._functorch.config as functorch_config
-
-            with functorch_config.patch(activation_memory_budget=memory_budget):
-                return _bench_train(model, batch, device, amp, checkpointing, steps, compiled)
+    `memory_budget`: see `memory_budget_scope`."""
+    with memory_budget_scope(memory_budget), compiled_blocks(model, compiled == "blocks"):
         return _bench_train(model, batch, device, amp, checkpointing, steps, compiled)
 
 
