@@ -31,7 +31,7 @@ from mrdit import build_model, get_preset, load_model
 from mrdit.fast import FastForward
 from mrdit.losses import multiscale_loss
 from mrdit.sampling import noise_for_seeds, sample
-from mrdit.training import TrainConfig, make_optimizer, repeated_blocks
+from mrdit.training import TrainConfig, allow_regional_recompiles, compile_regions, make_optimizer
 
 FORWARD_VARIANTS = ("eager", "graphs", "compile", "compile+graphs", "compile-blocks")
 TRAIN_MODES = ("plain", "ckpt", "compile", "compile+ckpt", "blocks", "blocks+ckpt")
@@ -158,17 +158,18 @@ def memory_budget_scope(memory_budget: float | None):
 
 @contextlib.contextmanager
 def compiled_blocks(model, enabled: bool = True):
-    """Regional compilation for the duration: each block compiled in place (identical blocks share
-    the compiled code), back to the plain forward afterwards."""
+    """Regional compilation for the duration: each block, skip join and upsampler compiled in place
+    (identical modules share the compiled code), back to the plain forward afterwards."""
     if not enabled:
         yield
         return
-    for blk in repeated_blocks(model):
+    allow_regional_recompiles()
+    for blk in compile_regions(model):
         blk.compile()
     try:
         yield
     finally:
-        for blk in repeated_blocks(model):
+        for blk in compile_regions(model):
             blk._compiled_call_impl = None  # nn.Module.compile is in place
 
 

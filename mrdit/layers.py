@@ -139,8 +139,21 @@ def shuffle_up(x: torch.Tensor, dim_out: int) -> torch.Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, 2 * h, 2 * w, dim_out)  # (B, 2h, 2w, D)
 
 
+class SkipJoin(nn.Linear):
+    """U-ViT long skip: Linear(2D -> D) of [x, skip]. The concatenation happens inside the module so
+    that a compiled module fuses it with its consumers instead of materialising a float32 copy."""
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(torch.cat([x, skip], dim=-1))  # (B, ..., 2D) -> (B, ..., D)
+
+
 class Upsampler(nn.Module):
-    """Carries all features of a coarse branch to the next: TD-LN -> Linear -> 2x shuffle -> TD-LN."""
+    """Carries all features of a coarse branch to the next: TD-LN -> Linear -> 2x shuffle -> TD-LN.
+
+    Takes the features as a list (embedding and every block output) and concatenates them itself, for
+    the same reason as `SkipJoin`: compiled, the concatenation, norm and cast fuse, and the backward
+    keeps the block outputs it already has rather than a wide float32 copy.
+    """
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
@@ -149,8 +162,9 @@ class Upsampler(nn.Module):
         self.proj = nn.Linear(dim_in, 4 * dim_out)
         self.norm_out = TDLayerNorm(dim_out)
 
-    def forward(self, feats: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        x = self.proj(self.norm_in(feats, tau))  # (B, h, w, 4 D_out)
+    def forward(self, feats: list[torch.Tensor], tau: torch.Tensor) -> torch.Tensor:
+        x = torch.cat(feats, dim=-1)  # (B, h, w, (n+1) D_in)
+        x = self.proj(self.norm_in(x, tau))  # (B, h, w, 4 D_out)
         x = shuffle_up(x, self.dim_out)  # (B, 2h, 2w, D_out)
         return self.norm_out(x, tau)  # (B, 2h, 2w, D_out)
 

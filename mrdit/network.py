@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import BranchSpec, ModelConfig
-from .layers import ConvHead, ConvNeXtBlock, TransformerBlock, Upsampler
+from .layers import ConvHead, ConvNeXtBlock, SkipJoin, TransformerBlock, Upsampler
 
 
 def step_to_tau(t: torch.Tensor, num_steps: int) -> torch.Tensor:
@@ -41,7 +41,7 @@ class Branch(nn.Module):
             self.blocks = nn.ModuleList(TransformerBlock(D, spec.heads, spec.mlp_width) for _ in range(spec.blocks))
         else:
             self.blocks = nn.ModuleList(ConvNeXtBlock(D, spec.mlp_width, spec.kernel) for _ in range(spec.blocks))
-        self.skips = nn.ModuleList(nn.Linear(2 * D, D) for _ in range(spec.blocks // 2))
+        self.skips = nn.ModuleList(SkipJoin(2 * D, D) for _ in range(spec.blocks // 2))
         self.upsample = Upsampler((prev.blocks + 1) * prev.width, D) if prev is not None else None
         self.head = ConvHead(D, channels, spec.head_kernel) if head else None
         self.grad_checkpointing = False
@@ -57,17 +57,22 @@ class Branch(nn.Module):
         return self.blocks[i](x, tau)
 
     def trunk(
-        self, x: torch.Tensor, tau: torch.Tensor, y: torch.Tensor, prev_feats: torch.Tensor | None, keep_feats: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Embedding and blocks. Returns the last block's output on the grid and, if asked, the
-        concatenated features for the next branch."""
+        self,
+        x: torch.Tensor,
+        tau: torch.Tensor,
+        y: torch.Tensor,
+        prev_feats: list[torch.Tensor] | None,
+        keep_feats: bool,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Embedding and blocks. Returns the last block's output on the grid and, if asked, the features
+        for the next branch: the embedding and every block output, each (B, g, g, D)."""
         g, D = self.spec.grid, self.spec.width
         B = x.shape[0]
         with torch.autocast(device_type=x.device.type, enabled=False):  # few input channels: float32 is nearly free
             h = self.patchify(x.float()).permute(0, 2, 3, 1)  # (B, g, g, D)
         h = h + self.pos_embed.weight.view(g, g, D)  # (B, g, g, D), row index i*g + j
         if prev_feats is not None:
-            h = h + self.upsample(prev_feats, tau)  # (B, g, g, D) from (B, g/2, g/2, (n+1) D_prev)
+            h = h + self.upsample(prev_feats, tau)  # (B, g, g, D) from n+1 x (B, g/2, g/2, D_prev)
         feats = [h] if keep_feats else None
 
         if self.is_transformer:
@@ -82,14 +87,13 @@ class Branch(nn.Module):
         stack: list[torch.Tensor] = []
         for i in range(n):
             if i > n // 2:
-                z = self.skips[i - n // 2 - 1](torch.cat([z, stack.pop()], dim=-1))  # (B, ..., 2D) -> (B, ..., D)
+                z = self.skips[i - n // 2 - 1](z, stack.pop())  # [(B, ..., D), (B, ..., D)] -> (B, ..., D)
             z = self._block(i, z, tau)  # (B, 1 + g*g, D) or (B, g, g, D)
             if i < n // 2:
                 stack.append(z)
             if feats is not None:
                 feats.append(to_grid(z))
-        out = to_grid(z)  # (B, g, g, D)
-        return out, (torch.cat(feats, dim=-1) if feats is not None else None)  # (B, g, g, (n+1) D)
+        return to_grid(z), feats  # (B, g, g, D), n+1 x (B, g, g, D)
 
 
 class DiMR(nn.Module):

@@ -117,26 +117,42 @@ class TrainConfig:
         return TrainConfig.from_dict(d)
 
 
-def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The blocks of every branch (DiMR) or of the trunk (baseline): what regional compilation compiles."""
+def compile_regions(model: nn.Module) -> list[nn.Module]:
+    """What regional compilation compiles: every block, every U-ViT skip join and every upsampler, of
+    every branch (DiMR) or of the trunk (baseline). Modules of the same kind and shape share one graph."""
     trunks = [model.trunk] if hasattr(model, "trunk") else list(model.branches)
-    return [blk for t in trunks for blk in t.blocks]
+    out: list[nn.Module] = []
+    for t in trunks:
+        out += [*t.blocks, *t.skips] + ([t.upsample] if t.upsample is not None else [])
+    return out
+
+
+def allow_regional_recompiles(limit: int = 64) -> None:
+    """Compiled modules share one compile cache (`nn.Module.compile` compiles `Module._call_impl`), so
+    a few kinds of region x grad modes x shapes exceed the default limit of 8 graphs, past which the
+    compiler silently runs the rest eagerly."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(limit, getattr(dynamo_config, name)))
 
 
 def compile_for_training(model: nn.Module, mode: bool | str, memory_budget: float = 1.0) -> nn.Module:
     """The module to call in training. `mode`: False (as is), True (`torch.compile` of the whole model) or
-    "blocks" (each block compiled in place: identical blocks share one compiled graph, so compiling
-    takes seconds, and it works inside activation checkpointing). `memory_budget` < 1 lets the compiled
-    backward keep only that fraction of the activations and recompute the rest, cheapest first; on one
-    H100, DiMR-XL/2R at batch 128 with "blocks" and 0.25 trains at 1.6x the eager checkpointed speed
-    (bench/NOTES.md). The budget is a process-wide compiler setting."""
+    "blocks" (regional compilation of `compile_regions` in place: identical modules share one compiled
+    graph, so compiling takes seconds, and it works inside activation checkpointing). `memory_budget` < 1
+    lets the compiled backward keep only that fraction of the activations and recompute the rest,
+    cheapest first; on one H100, DiMR-XL/2R at batch 128 with compiled blocks and 0.25 trains at 1.6x the
+    eager checkpointed speed (bench/NOTES.md). The budget is a process-wide compiler setting."""
     if memory_budget < 1:
         import torch._functorch.config as functorch_config
 
         functorch_config.activation_memory_budget = memory_budget
     if mode == "blocks":
-        for blk in repeated_blocks(getattr(model, "module", model)):  # through a DistributedDataParallel wrapper
-            blk.compile()
+        allow_regional_recompiles()
+        for module in compile_regions(getattr(model, "module", model)):  # through a DistributedDataParallel wrapper
+            module.compile()
         return model
     return torch.compile(model) if mode else model
 

@@ -25,11 +25,11 @@ from mrdit.training import (
     TrainConfig,
     batch_indices,
     compile_for_training,
+    compile_regions,
     list_states,
     load_latest_state,
     lr_at,
     make_optimizer,
-    repeated_blocks,
     save_state,
 )
 
@@ -561,7 +561,10 @@ def test_regional_compile_trains_like_plain_and_the_budget_keeps_less():
         model = build_model(get_preset("tiny")).train()
         model.load_state_dict(plain.state_dict())
         net = compile_for_training(model, "blocks", memory_budget=0.3)
-        assert net is model and all(b._compiled_call_impl is not None for b in repeated_blocks(model))
+        regions = compile_regions(model)
+        kinds = {type(m).__name__ for m in regions}
+        assert net is model and all(m._compiled_call_impl is not None for m in regions)
+        assert kinds == {"TransformerBlock", "ConvNeXtBlock", "SkipJoin", "Upsampler"}
         sum(o.square().mean() for o in net(x, n, y)).backward()
         got = [p.grad.clone() for p in model.parameters()]
         budgeted = _saved_bytes(model.branches[0].blocks[0], z, tau)
