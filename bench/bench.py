@@ -31,7 +31,7 @@ from mrdit import build_model, get_preset, load_model
 from mrdit.fast import FastForward
 from mrdit.losses import multiscale_loss
 from mrdit.sampling import noise_for_seeds, sample
-from mrdit.training import TrainConfig, allow_regional_recompiles, compile_regions, make_optimizer
+from mrdit.training import TrainConfig, compile_for_training, compile_regions, make_optimizer
 
 FORWARD_VARIANTS = ("eager", "graphs", "compile", "compile+graphs", "compile-blocks")
 TRAIN_MODES = ("plain", "ckpt", "compile", "compile+ckpt", "blocks", "blocks+ckpt")
@@ -163,9 +163,7 @@ def compiled_blocks(model, enabled: bool = True):
     if not enabled:
         yield
         return
-    allow_regional_recompiles()
-    for blk in compile_regions(model):
-        blk.compile()
+    compile_for_training(model, "blocks")
     try:
         yield
     finally:
@@ -284,16 +282,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-batches", type=int, nargs="+", default=None)
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--train-compile", action="store_true", help="also time torch.compile training (largest batch)")
-    p.add_argument(
-        "--train-compile-ckpt",
-        action="store_true",
-        help="also time torch.compile training with activation checkpointing (largest batch)",
-    )
-    p.add_argument(
-        "--train-compile-blocks",
-        action="store_true",
-        help="also time training with each block compiled (regional compilation) and checkpointing (largest batch)",
-    )
     p.add_argument(
         "--train-cases",
         nargs="+",
@@ -497,10 +485,6 @@ def main(argv: list[str] | None = None) -> int:
             cases = [(b, mode, None) for b in train_batches for mode in ("plain", "ckpt")]
             if args.train_compile:
                 cases.append((max(train_batches), "compile", None))
-            if args.train_compile_ckpt:
-                cases.append((max(train_batches), "compile+ckpt", None))
-            if args.train_compile_blocks:
-                cases.append((max(train_batches), "blocks+ckpt", None))
         for b, mode, budget in cases:
             ckpt = mode.endswith("ckpt")
             compiled = {"compile": True, "blocks": "blocks"}.get(mode.split("+")[0], False)

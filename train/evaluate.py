@@ -30,7 +30,7 @@ from mrdit.data import TensorImageDataset, load_emoji
 from mrdit.pipeline import DEFAULT_GUIDANCE, Pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export import write_card  # noqa: E402
+from export import percent, write_card  # noqa: E402
 
 
 class EmojiClassifier(nn.Module):
@@ -92,11 +92,7 @@ def per_class_accuracy(pred: torch.Tensor, y: torch.Tensor, class_names: list[st
     }
 
 
-def percent(a: float | None) -> str:
-    return "-" if a is None else f"{a * 100:.0f}%"
-
-
-def classifier(data: Path, size: int, epochs: int) -> tuple[EmojiClassifier, float, dict[str, float]]:
+def classifier(data: Path, size: int, epochs: int) -> tuple[EmojiClassifier, float, dict[str, float | None]]:
     """The cached classifier for a dataset (trained on first use), its accuracy on the validation split
     and that accuracy per class: how well the judge itself recognises real emoji of each class."""
     train, val = load_emoji(data, "train", size), load_emoji(data, "val", size)
@@ -258,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def per_class_table(rows: list[tuple[str, dict]], val_per_class: dict[str, float]) -> str:
+def per_class_table(rows: list[tuple[str, dict]], val_per_class: dict[str, float | None]) -> str:
     """Markdown: per class, each model's sample accuracy next to the classifier's on real validation emoji."""
     head = "| class | " + " | ".join(name for name, _ in rows) + " | real validation emoji |"
     lines = [head, "|---" * (len(rows) + 2) + "|"]

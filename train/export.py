@@ -60,6 +60,11 @@ RECIPE_KEYS = (
 )
 
 
+def percent(a: float | None) -> str:
+    """An accuracy in whole percent; "-" for a class without examples (None)."""
+    return "-" if a is None else f"{a * 100:.0f}%"
+
+
 def recipe_line(cfg: dict, then: str = "") -> str:
     """The card's recipe line from a saved training config (none for exports that predate it); `then`
     describes a later phase of the same run (a resume with another batch size or schedule)."""
@@ -101,9 +106,8 @@ def card(name: str, mc: ModelConfig, n_params: int, run_info: dict, evaluation: 
         )
         real = evaluation.get("classifier_val_per_class_accuracy")
         if real:  # how the judge does on real emoji of each class: the ceiling it puts on the samples' score
-            pct = lambda a: "-" if a is None else f"{a * 100:.0f}%"  # noqa: E731 - None: no examples of the class
             rows = "\n".join(
-                f"| {c} | {pct(evaluation['per_class_accuracy'][c])} | {pct(a)} |" for c, a in real.items()
+                f"| {c} | {percent(evaluation['per_class_accuracy'][c])} | {percent(a)} |" for c, a in real.items()
             )
             quality += (
                 "\n\nPer class, the samples' accuracy next to the classifier's own accuracy on real validation "
