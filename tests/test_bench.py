@@ -39,3 +39,14 @@ def test_bench_rejects_variants_it_cannot_run_here(tmp_path):
     assert r.returncode == 2 and "bf16+graphs not available here" in r.stderr
     r = subprocess.run([*BENCH, "--train-cases", "128:fast"], capture_output=True, text=True)
     assert r.returncode == 2 and "expected BATCH:MODE[@BUDGET]" in r.stderr
+
+
+def test_saved_memory_counts_less_with_a_memory_budget(tmp_path):
+    out = tmp_path / "saved.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "saved_memory.py"), "--preset", "tiny", "--batch", "8"]
+    r = subprocess.run([*cmd, "--cases", "0:plain", "0:blocks@0.25", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    kept = json.loads(out.read_text())["kept_mib"]
+    assert 0 < kept["blocks@0.25"] < kept["plain"]  # the compiled backward recomputes instead of keeping
+    r = subprocess.run([*cmd, "--cases", "0:ckpt"], capture_output=True, text=True)
+    assert r.returncode == 2 and "checkpointing hides" in r.stderr
