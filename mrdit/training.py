@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .build import no_decay_parameter_names
-from .checkpoint import atomic_write
-from .config import ConfigError
+from .build import build_model, no_decay_parameter_names
+from .checkpoint import CheckpointError, atomic_write, check_state_dict, read_config, read_weights, resolve_model_dir
+from .config import ConfigError, ModelConfig
 from .losses import multiscale_loss
 from .schedule import NoiseSchedule
 
@@ -60,6 +60,7 @@ class TrainConfig:
     sample_steps: int = 25
     sample_guidance: float = 2.0
     threads: int = 0  # torch CPU threads; 0 = leave the default
+    init_from: str = ""  # a model directory or Hub repo id whose weights start a new run (fine-tuning); "" = random
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -203,6 +204,23 @@ class EMA:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state, strict=True)
+
+
+def initial_weights(source: str, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The float32 weights of the model directory (or Hub repo id) `source`, to start a fine-tune from.
+
+    Its config must equal the run's, field for field (the data's classes included), so a fine-tune
+    never silently loads weights into a different network; the error names the fields that differ.
+    """
+    directory = resolve_model_dir(source)
+    theirs, ours = read_config(directory).to_dict(), config.to_dict()
+    changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if changed:
+        raise CheckpointError(f"init_from {source}: its config differs from this run's in {', '.join(changed)}")
+    expected = {k: tuple(v.shape) for k, v in build_model(config, device="meta").state_dict().items()}
+    state = read_weights(directory)
+    check_state_dict(state, expected, str(directory))
+    return {k: v.float() for k, v in state.items()}
 
 
 def batch_indices(step: int, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:

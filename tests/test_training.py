@@ -311,6 +311,39 @@ def test_time_limit_reached_on_the_last_step_finishes_the_run(tmp_path, emoji_da
     assert json.loads((run / "DONE").read_text())["step"] == 4 and not (run / "PAUSED").exists()
 
 
+def test_init_from_starts_a_fine_tune_from_exported_weights(tmp_path, emoji_data):
+    base = tmp_path / "base"
+    assert _run(_config(tmp_path, emoji_data, steps=4, sample_every=0), base).returncode == 0
+    source = load_model(base / "ema").state_dict()
+
+    # A negligible learning rate: one step leaves the weights where init_from put them.
+    cfg = _config(tmp_path, emoji_data, steps=1, sample_every=0, lr=1e-12, init_from=str(base / "ema"))
+    run = tmp_path / "ft"
+    r = _run(cfg, run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "initialised from" in r.stdout
+    tuned = load_model(run / "ema").state_dict()
+    assert all(torch.allclose(tuned[k], v, atol=1e-6) for k, v in source.items())
+    fresh = tmp_path / "fresh"  # the same run without init_from is far from those weights
+    assert _run(_config(tmp_path, emoji_data, steps=1, sample_every=0, lr=1e-12), fresh).returncode == 0
+    untuned = load_model(fresh / "ema").state_dict()
+    assert any(not torch.allclose(untuned[k], v, atol=1e-3) for k, v in source.items())
+
+    # Resuming that run continues from its own state, not from init_from again.
+    cfg = _config(tmp_path, emoji_data, steps=2, sample_every=0, lr=1e-12, init_from=str(base / "ema"))
+    r = _run(cfg, run, "--force")
+    assert r.returncode == 0 and "resumed from step 1" in r.stdout and "initialised" not in r.stdout
+
+    # A source whose network differs, or whose weights are corrupt, is refused before anything is written.
+    other = _config(tmp_path, emoji_data, steps=1, init_from=str(base / "ema"), model_overrides={"loss_weights": [1, 1, 1]})
+    bad = tmp_path / "bad"
+    r = _run(other, bad)
+    assert r.returncode == 2 and "differs from this run's in loss_weights" in r.stderr and not bad.exists()
+    (base / "ema" / "model.safetensors").write_bytes(b"not a safetensors file")
+    r = _run(_config(tmp_path, emoji_data, steps=1, init_from=str(base / "ema")), bad)
+    assert r.returncode == 2 and "corrupt" in r.stderr and not bad.exists()
+
+
 def test_non_finite_loss_stops_without_saving(tmp_path, emoji_data):
     cfg = _config(tmp_path, emoji_data, steps=40, save_every=4, sample_every=0, log_every=4, lr=1e30, warmup_steps=0)
     run = tmp_path / "nan"

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from mrdit import get_preset, save_model
+from mrdit.checkpoint import CheckpointError
 from mrdit.build import build_model
 from mrdit.config import ConfigError, ModelConfig
 from mrdit.data import ImageFolderDataset, LatentDataset, load_emoji
@@ -36,6 +37,8 @@ from mrdit.training import (
     TrainConfig,
     batch_indices,
     compile_for_training,
+    initial_weights,
+    list_states,
     load_latest_state,
     lr_at,
     make_optimizer,
@@ -150,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"data image size {dataset.image_size} != model image_size {mc.image_size}")
     if cfg.batch_size % accelerator.num_processes:
         p.error(f"batch_size {cfg.batch_size} is not divisible by {accelerator.num_processes} processes")
+    init = None
+    if cfg.init_from and not list_states(run):  # checked before the run folder is written
+        try:
+            init = initial_weights(cfg.init_from, mc)
+        except CheckpointError as e:
+            p.error(str(e))
     if main_proc:
         run.mkdir(parents=True, exist_ok=True)
         saved_cfg.write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -173,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         step, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
         if main_proc:
             print(f"resumed from step {step}", flush=True)
+    elif init is not None:
+        model.load_state_dict(init)
+        ema.load_state_dict(init)
+        if main_proc:
+            print(f"initialised from {cfg.init_from}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     if main_proc:
         print(
