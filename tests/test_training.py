@@ -314,10 +314,12 @@ def test_time_limit_reached_on_the_last_step_finishes_the_run(tmp_path, emoji_da
 def test_init_from_starts_a_fine_tune_from_exported_weights(tmp_path, emoji_data):
     base = tmp_path / "base"
     assert _run(_config(tmp_path, emoji_data, steps=4, sample_every=0), base).returncode == 0
-    source = load_model(base / "ema").state_dict()
+    exported = tmp_path / "w" / "base"
+    assert _export(base, tmp_path / "w", "base", "--no-samples").returncode == 0
+    source = load_model(exported).state_dict()
 
     # A negligible learning rate: one step leaves the weights where init_from put them.
-    cfg = _config(tmp_path, emoji_data, steps=1, sample_every=0, lr=1e-12, init_from=str(base / "ema"))
+    cfg = _config(tmp_path, emoji_data, steps=1, sample_every=0, lr=1e-12, init_from=str(exported))
     run = tmp_path / "ft"
     r = _run(cfg, run)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -330,17 +332,28 @@ def test_init_from_starts_a_fine_tune_from_exported_weights(tmp_path, emoji_data
     assert any(not torch.allclose(untuned[k], v, atol=1e-3) for k, v in source.items())
 
     # Resuming that run continues from its own state, not from init_from again.
-    cfg = _config(tmp_path, emoji_data, steps=2, sample_every=0, lr=1e-12, init_from=str(base / "ema"))
+    cfg = _config(tmp_path, emoji_data, steps=2, sample_every=0, lr=1e-12, init_from=str(exported))
     r = _run(cfg, run, "--force")
     assert r.returncode == 0 and "resumed from step 1" in r.stdout and "initialised" not in r.stdout
 
+    # Exported over the model it started from: the card tells both trainings, and the old eval is dropped.
+    (exported / "eval.json").write_text(json.dumps({"accuracy": 0.5}))
+    r = _export(run, tmp_path / "w", "base", "--no-samples")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (exported / "eval.json").exists() and "previous weights" in r.stdout
+    info = json.loads((exported / "run_info.json").read_text())
+    assert info["step"] == 2 and info["init_from"] == str(exported) and info["source"]["step"] == 4
+    card = (exported / "README.md").read_text()
+    assert f"Started from `{exported}`" in card and "Then fine-tuned" in card and "Not measured yet" in card
+    assert card.index("Steps: 4 at batch 8") < card.index("Steps: 2 at batch 8")
+
     # A source whose network differs, or whose weights are corrupt, is refused before anything is written.
-    other = _config(tmp_path, emoji_data, steps=1, init_from=str(base / "ema"), model_overrides={"loss_weights": [1, 1, 1]})
+    other = _config(tmp_path, emoji_data, steps=1, init_from=str(exported), model_overrides={"loss_weights": [1, 1, 1]})
     bad = tmp_path / "bad"
     r = _run(other, bad)
     assert r.returncode == 2 and "differs from this run's in loss_weights" in r.stderr and not bad.exists()
-    (base / "ema" / "model.safetensors").write_bytes(b"not a safetensors file")
-    r = _run(_config(tmp_path, emoji_data, steps=1, init_from=str(base / "ema")), bad)
+    (exported / "model.safetensors").write_bytes(b"not a safetensors file")
+    r = _run(_config(tmp_path, emoji_data, steps=1, init_from=str(exported)), bad)
     assert r.returncode == 2 and "corrupt" in r.stderr and not bad.exists()
 
 

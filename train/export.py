@@ -83,6 +83,29 @@ def recipe_line(cfg: dict, then: str = "") -> str:
     )
 
 
+def training_lines(run_info: dict) -> str:
+    """The card's lines for one training run; a fine-tune (a run started with `init_from`) first describes
+    the training of the model it started from, as recorded in that model's run_info.json."""
+    lines = ""
+    source = run_info.get("source")
+    if source is not None:
+        lines += f"- Started from `{run_info['init_from']}`, trained as follows:\n"
+        lines += "".join("  " + line + "\n" for line in training_lines(source).splitlines())
+        lines += "- Then fine-tuned from those weights (fresh optimizer):\n"
+    elif run_info.get("init_from"):
+        lines += f"- Fine-tuned from `{run_info['init_from']}` (fresh optimizer); that model's training is not recorded here\n"
+    indent = "  " if source is not None else ""
+    recipe = recipe_line(run_info.get("recipe", {}), run_info.get("recipe_then", ""))
+    lines += (
+        f"{indent}- {commands_line(run_info)}\n"
+        f"{indent}- Steps: {run_info.get('step', '?')} at batch {run_info.get('batch_size', '?')}; "
+        f"wall time {run_info.get('elapsed_min', '?')} min\n"
+        + (indent + recipe if recipe else "")
+        + f"{indent}- Hardware: {run_info.get('hardware', '?')}\n"
+    )
+    return lines
+
+
 def card(name: str, mc: ModelConfig, n_params: int, run_info: dict, evaluation: dict | None) -> str:
     branches = "\n".join(
         f"| {k} | {b.kind} | {b.grid}x{b.grid} (patch {b.patch}) | {b.width} | {b.blocks} | {b.heads or '-'} |"
@@ -148,10 +171,7 @@ Noise schedule: {mc.schedule.kind}, {mc.schedule.num_steps} steps; loss weights 
 
 ## Training
 
-- {commands_line(run_info)}
-- Steps: {run_info.get("step", "?")} at batch {run_info.get("batch_size", "?")}; wall time {run_info.get("elapsed_min", "?")} min
-{recipe_line(run_info.get("recipe", {}), run_info.get("recipe_then", ""))}- Hardware: {run_info.get("hardware", "?")}
-- Data: `python train/prepare_emoji.py` (three emoji styles from the npm registry, {mc.num_classes - 1} classes, {mc.image_size} px)
+{training_lines(run_info)}- Data: `python train/prepare_emoji.py` (three emoji styles from the npm registry, {mc.num_classes - 1} classes, {mc.image_size} px)
 
 ## Data, licences and attribution
 
@@ -181,12 +201,21 @@ def export(run: Path, out: Path, dtype: torch.dtype = torch.float32, samples: bo
     state = load_latest_state(run)
     if state is None:
         raise SystemExit(f"error: {run} has no training state to export")
+    train_cfg = json.loads(state["train_config"])
+    # A fine-tune records the training of the model it started from; read it before `out` is written,
+    # which may be that very directory.
+    init_from = train_cfg.get("init_from", "")
+    source_info = Path(init_from) / "run_info.json" if init_from else None
+    source = json.loads(source_info.read_text()) if source_info is not None and source_info.is_file() else None
     mc = ModelConfig.from_dict(json.loads(state["model_config"]))
     model = build_model(mc)
     model.load_state_dict(state["ema"])
     model.eval()
     save_model(model, out, dtype=dtype)
-    train_cfg = json.loads(state["train_config"])
+    stale = out / "eval.json"
+    if stale.is_file():  # numbers of the weights just replaced must not reach the new card
+        stale.unlink()
+        print(f"removed {stale} (it measured the previous weights): run train/evaluate.py again")
     # DONE (finished) or PAUSED (stopped by --max-minutes): whichever describes the exported step.
     infos = [json.loads((run / f).read_text()) for f in ("DONE", "PAUSED") if (run / f).is_file()]
     done = next((i for i in infos if i.get("step") == state["step"]), {})
@@ -200,6 +229,10 @@ def export(run: Path, out: Path, dtype: torch.dtype = torch.float32, samples: bo
         "hardware": done.get("hardware", "see run folder"),
         "recipe": {k: train_cfg[k] for k in RECIPE_KEYS if k in train_cfg},
     }
+    if init_from:
+        run_info["init_from"] = init_from
+        if source is not None:
+            run_info["source"] = source
     (out / "run_info.json").write_text(json.dumps(run_info, indent=2))
     write_card(out)
     if samples:

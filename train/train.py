@@ -26,8 +26,8 @@ import torch
 from tqdm import tqdm
 
 from mrdit import get_preset, save_model
-from mrdit.checkpoint import CheckpointError
 from mrdit.build import build_model
+from mrdit.checkpoint import CheckpointError
 from mrdit.config import ConfigError, ModelConfig
 from mrdit.data import ImageFolderDataset, LatentDataset, load_emoji
 from mrdit.sampling import sample
