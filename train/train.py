@@ -8,6 +8,7 @@ full training state (model, EMA, optimizer, step), written atomically every `sav
 Starting the same command again resumes from the newest complete state by itself; SIGTERM/SIGINT
 save the state and the EMA model and exit cleanly. Batches, noise and label dropout are functions of
 (seed, step, rank), so a resumed run ends with the same weights as an uninterrupted one.
+`--set init_from=weights/NAME` starts a new run (a fine-tune) from an exported model's weights.
 """
 
 from __future__ import annotations
