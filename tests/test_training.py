@@ -411,6 +411,10 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
             "2",
             "--figure",
             str(tmp_path / "fig.png"),
+            "--guidance-schedule",
+            "power-cosine",
+            "--guidance-power",
+            "2",
         ],
         env=ENV,
         capture_output=True,
@@ -422,6 +426,14 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
     assert 0 <= ev["accuracy"] <= 1 and ev["fd"] >= 0 and ev["fd_floor"] >= 0 and ev["sec_per_image"] > 0
     card = (out / "README.md").read_text()
     assert "class accuracy of samples" in card and "real validation emoji" in card
+    assert ev["guidance_schedule"] == "power-cosine" and "guidance power-cosine to 4.0 (p 2.0)" in card
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "train" / "evaluate.py"), str(out), "--guidance-power", "-1"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "--guidance-power must be >= 0" in bad.stderr
     assert set(ev["classifier_val_per_class_accuracy"]) == set(ev["per_class_accuracy"])
     assert "| class | tiny-emoji | real validation emoji |" in r.stdout
     assert (tmp_path / "fig.png").is_file() and "| tiny-emoji |" in r.stdout

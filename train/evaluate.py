@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mrdit.data import TensorImageDataset, load_emoji
+from mrdit.guidance import GUIDANCE_SCHEDULES
 from mrdit.pipeline import DEFAULT_GUIDANCE, Pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -128,7 +129,15 @@ def features_of(clf: EmojiClassifier, x: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(
-    model_dir: Path, clf: EmojiClassifier, data: Path, per_class: int, steps: int, guidance: float, sampler: str
+    model_dir: Path,
+    clf: EmojiClassifier,
+    data: Path,
+    per_class: int,
+    steps: int,
+    guidance: float,
+    sampler: str,
+    guidance_schedule: str = "constant",
+    guidance_power: float = 1.0,
 ) -> dict:
     pipe = Pipeline.from_pretrained(model_dir)
     size = pipe.config.image_size
@@ -140,7 +149,15 @@ def evaluate(
         t0 = time.perf_counter()
         for start in range(0, per_class, 10):  # requests of at most 10 images (the pipeline caps a request)
             seeds = list(range(start, min(start + 10, per_class)))
-            res = pipe.generate([c] * len(seeds), seeds, steps=steps, guidance=guidance, sampler=sampler)
+            res = pipe.generate(
+                [c] * len(seeds),
+                seeds,
+                steps=steps,
+                guidance=guidance,
+                sampler=sampler,
+                guidance_schedule=guidance_schedule,
+                guidance_power=guidance_power,
+            )
             images.append(torch.from_numpy(res.arrays).permute(0, 3, 1, 2).float() / 127.5 - 1)
         seconds += time.perf_counter() - t0
         labels += [c] * per_class
@@ -157,6 +174,8 @@ def evaluate(
         "samples_per_class": per_class,
         "steps": steps,
         "guidance": guidance,
+        "guidance_schedule": guidance_schedule,
+        "guidance_power": guidance_power,
         "sampler": sampler,
     }
 
@@ -202,13 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path("data/emoji"), help="prepared emoji data (default data/emoji)")
     p.add_argument("--per-class", type=int, default=20, help="samples per class (default 20)")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="w (the maximum w with power-cosine)")
+    p.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default="constant")
+    p.add_argument("--guidance-power", type=float, default=1.0, help="p of the power-cosine schedule")
     p.add_argument("--sampler", default="dpm++2m")
     p.add_argument("--classifier-epochs", type=int, default=30)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--no-card", action="store_true", help="do not write eval.json / update the model cards")
     p.add_argument("--figure", type=Path, help="also write a side-by-side figure of the models at the same seeds (PNG)")
     args = p.parse_args(argv)
+    if args.per_class < 1 or args.steps < 1 or args.guidance < 0 or args.guidance_power < 0:
+        p.error("--per-class and --steps must be >= 1; --guidance and --guidance-power must be >= 0")
     print("config:", json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, default=str))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -225,7 +248,17 @@ def main(argv: list[str] | None = None) -> int:
     hardware = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     rows = []
     for m in args.models:
-        r = evaluate(m, clf, args.data, args.per_class, args.steps, args.guidance, args.sampler)
+        r = evaluate(
+            m,
+            clf,
+            args.data,
+            args.per_class,
+            args.steps,
+            args.guidance,
+            args.sampler,
+            args.guidance_schedule,
+            args.guidance_power,
+        )
         r |= {
             "fd_floor": floor,
             "classifier_val_accuracy": val_acc,

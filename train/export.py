@@ -106,6 +106,13 @@ def training_lines(run_info: dict) -> str:
     return lines
 
 
+def guidance_text(evaluation: dict) -> str:
+    """ "4.0", or "power-cosine to 8.0 (p 1.0)" for the scheduled guidance."""
+    if evaluation.get("guidance_schedule", "constant") == "constant":
+        return f"{evaluation['guidance']}"
+    return f"power-cosine to {evaluation['guidance']} (p {evaluation['guidance_power']})"
+
+
 def card(name: str, mc: ModelConfig, n_params: int, run_info: dict, evaluation: dict | None) -> str:
     branches = "\n".join(
         f"| {k} | {b.kind} | {b.grid}x{b.grid} (patch {b.patch}) | {b.width} | {b.blocks} | {b.heads or '-'} |"
@@ -124,7 +131,7 @@ def card(name: str, mc: ModelConfig, n_params: int, run_info: dict, evaluation: 
             f"| class accuracy of samples (classifier trained on the train split) | {evaluation['accuracy'] * 100:.1f}% |\n"
             f"| Frechet distance to the validation split (classifier features) | {evaluation['fd']:.2f} |\n"
             f"| the same distance, train split vs validation split (floor) | {evaluation['fd_floor']:.2f} |\n"
-            f"| sampling time per image ({evaluation['sampler']}, {evaluation['steps']} steps, guidance {evaluation['guidance']}) | {evaluation['sec_per_image'] * 1000:.0f} ms |\n"
+            f"| sampling time per image ({evaluation['sampler']}, {evaluation['steps']} steps, guidance {guidance_text(evaluation)}) | {evaluation['sec_per_image'] * 1000:.0f} ms |\n"
             f"\n{evaluation['samples_per_class']} samples per class, seeds 0..{evaluation['samples_per_class'] - 1}."
         )
         real = evaluation.get("classifier_val_per_class_accuracy")
