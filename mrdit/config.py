@@ -270,6 +270,11 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def changed_fields(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """The sorted names of the fields whose values differ between two config dicts (absent counts as None)."""
+    return sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+
+
 def default_loss_weights(n: int) -> tuple[float, ...]:
     """Coarse-to-fine loss weights: the release's [1/4, 1] for two branches, [1/4, 1/2, 1] for three."""
     if n == 1:

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .build import build_model, no_decay_parameter_names
-from .checkpoint import CheckpointError, atomic_write, check_state_dict, read_config, read_weights, resolve_model_dir
-from .config import ConfigError, ModelConfig
+from .build import no_decay_parameter_names
+from .checkpoint import CheckpointError, atomic_write, load_model
+from .config import ConfigError, ModelConfig, changed_fields
 from .losses import multiscale_loss
 from .schedule import NoiseSchedule
 
@@ -212,15 +212,11 @@ def initial_weights(source: str, config: ModelConfig) -> dict[str, torch.Tensor]
     Its config must equal the run's, field for field (the data's classes included), so a fine-tune
     never silently loads weights into a different network; the error names the fields that differ.
     """
-    directory = resolve_model_dir(source)
-    theirs, ours = read_config(directory).to_dict(), config.to_dict()
-    changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    model = load_model(source)  # strict: missing, mis-shaped, non-finite or corrupt weights are errors
+    changed = changed_fields(model.config.to_dict(), config.to_dict())
     if changed:
         raise CheckpointError(f"init_from {source}: its config differs from this run's in {', '.join(changed)}")
-    expected = {k: tuple(v.shape) for k, v in build_model(config, device="meta").state_dict().items()}
-    state = read_weights(directory)
-    check_state_dict(state, expected, str(directory))
-    return {k: v.float() for k, v in state.items()}
+    return model.state_dict()
 
 
 def batch_indices(step: int, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:

@@ -19,6 +19,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,17 +129,8 @@ def features_of(clf: EmojiClassifier, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([clf.features(x[i : i + 256]) for i in range(0, len(x), 256)])
 
 
-def evaluate(
-    model_dir: Path,
-    clf: EmojiClassifier,
-    data: Path,
-    per_class: int,
-    steps: int,
-    guidance: float,
-    sampler: str,
-    guidance_schedule: str = "constant",
-    guidance_power: float = 1.0,
-) -> dict:
+def evaluate(model_dir: Path, clf: EmojiClassifier, data: Path, per_class: int, sampling: dict[str, Any]) -> dict:
+    """`sampling`: the keyword settings of `Pipeline.generate` (steps, guidance, sampler, schedule)."""
     pipe = Pipeline.from_pretrained(model_dir)
     size = pipe.config.image_size
     val = load_emoji(data, "val", size)
@@ -149,15 +141,7 @@ def evaluate(
         t0 = time.perf_counter()
         for start in range(0, per_class, 10):  # requests of at most 10 images (the pipeline caps a request)
             seeds = list(range(start, min(start + 10, per_class)))
-            res = pipe.generate(
-                [c] * len(seeds),
-                seeds,
-                steps=steps,
-                guidance=guidance,
-                sampler=sampler,
-                guidance_schedule=guidance_schedule,
-                guidance_power=guidance_power,
-            )
+            res = pipe.generate([c] * len(seeds), seeds, **sampling)
             images.append(torch.from_numpy(res.arrays).permute(0, 3, 1, 2).float() / 127.5 - 1)
         seconds += time.perf_counter() - t0
         labels += [c] * per_class
@@ -172,17 +156,10 @@ def evaluate(
         "fd": frechet_distance(features_of(clf, x), features_of(clf, xv)),
         "sec_per_image": seconds / len(y),
         "samples_per_class": per_class,
-        "steps": steps,
-        "guidance": guidance,
-        "guidance_schedule": guidance_schedule,
-        "guidance_power": guidance_power,
-        "sampler": sampler,
-    }
+    } | sampling
 
 
-def side_by_side(
-    pipes: list[Pipeline], names: list[str], path: Path, steps: int, guidance: float, sampler: str, seeds: int = 4
-) -> None:
+def side_by_side(pipes: list[Pipeline], names: list[str], path: Path, sampling: dict[str, Any], seeds: int = 4) -> None:
     """One row per class; for each model, `seeds` samples at seeds 0..seeds-1 (same noise for every model)."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
@@ -194,7 +171,7 @@ def side_by_side(
     for pipe in pipes:
         tiles = []
         for c in range(len(pipe.class_names)):
-            res = pipe.generate([c] * seeds, list(range(seeds)), steps=steps, guidance=guidance, sampler=sampler)
+            res = pipe.generate([c] * seeds, list(range(seeds)), **sampling)
             tiles += [upscale_nearest(np.asarray(im), display) for im in res.images]
         blocks.append(grid(tiles, cols=seeds, pad=pad))
     h = blocks[0].shape[0]
@@ -246,19 +223,16 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
     hardware = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    sampling = {
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "sampler": args.sampler,
+        "guidance_schedule": args.guidance_schedule,
+        "guidance_power": args.guidance_power,
+    }
     rows = []
     for m in args.models:
-        r = evaluate(
-            m,
-            clf,
-            args.data,
-            args.per_class,
-            args.steps,
-            args.guidance,
-            args.sampler,
-            args.guidance_schedule,
-            args.guidance_power,
-        )
+        r = evaluate(m, clf, args.data, args.per_class, sampling)
         r |= {
             "fd_floor": floor,
             "classifier_val_accuracy": val_acc,
@@ -275,9 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             [Pipeline.from_pretrained(m) for m in args.models],
             [m.name for m in args.models],
             args.figure,
-            args.steps,
-            args.guidance,
-            args.sampler,
+            sampling,
         )
         print(f"wrote {args.figure}")
     print(f"\n| model | accuracy | FD (floor {floor:.2f}) | s / image |\n|---|---|---|---|")

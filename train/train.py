@@ -29,7 +29,7 @@ from tqdm import tqdm
 from mrdit import get_preset, save_model
 from mrdit.build import build_model
 from mrdit.checkpoint import CheckpointError
-from mrdit.config import ConfigError, ModelConfig
+from mrdit.config import ConfigError, ModelConfig, changed_fields
 from mrdit.data import ImageFolderDataset, LatentDataset, load_emoji
 from mrdit.sampling import sample
 from mrdit.schedule import NoiseSchedule
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(saved_cfg.read_text())
         new = json.loads(json.dumps(cfg.to_dict()))
         # Thread count changes speed, not results; anything else must match to resume.
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "threads")
+        changed = changed_fields(old, new, ignore=("threads",))
         if changed and not args.force:
             print(
                 f"error: {run} was started with a different config (changed: {', '.join(changed)}); use --force to resume anyway",
