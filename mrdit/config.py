@@ -81,12 +81,17 @@ class ScheduleConfig:
 
     `scaled-linear` is Stable Diffusion's (betas linear in sqrt), which the released models use;
     `linear` is DDPM's; `cosine` is Nichol & Dhariwal's alpha-bar, discretised to betas.
+    `snr_scale` multiplies every step's signal-to-noise ratio abar / (1 - abar). A model of images
+    f times larger in each direction takes 1 / f^2: its image, average-pooled by f, then has the
+    original schedule's signal-to-noise ratio at every step (the "shifted" schedules of pixel-space
+    diffusion at high resolution).
     """
 
     kind: ScheduleKind = "scaled-linear"
     num_steps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    snr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.kind in ("scaled-linear", "linear", "cosine"), "schedule.kind", f"unknown schedule {self.kind!r}")
@@ -101,6 +106,11 @@ class ScheduleConfig:
                 "schedule.beta_start",
                 f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}",
             )
+        _require(
+            isinstance(self.snr_scale, int | float) and 0 < self.snr_scale < math.inf,
+            "schedule.snr_scale",
+            f"must be a positive finite number, got {self.snr_scale!r}",
+        )
 
 
 @dataclass(frozen=True)

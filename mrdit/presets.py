@@ -68,14 +68,24 @@ def emoji_32(num_classes: int = 13) -> ModelConfig:
 
 
 def emoji_64(num_classes: int = 13) -> ModelConfig:
-    """Demo: pixel space 3x64x64, 16x16 transformer -> 32x32 -> 64x64 ConvNeXt-like."""
+    """Demo: pixel space 3x64x64 in four branches, 8x8 transformer -> 16x16 -> 32x32 -> 64x64 ConvNeXt-like.
+
+    Branches 0-2 are emoji-32's with doubled patches, so `train/grow.py` can start it from emoji-32's
+    weights; its schedule's signal-to-noise ratio is a quarter of emoji-32's, so that those branches,
+    which see the image average-pooled by 2 and more, meet the noise levels they were trained on.
+    """
     return ModelConfig(
-        branches=(_transformer(192, 9, 6, 16, 4), _convnext(96, 5, 32, 2), _convnext(48, 5, 64, 1)),
+        branches=(
+            _transformer(128, 5, 4, 8, 8),
+            _convnext(48, 3, 16, 4),
+            _convnext(24, 3, 32, 2),
+            _convnext(24, 1, 64, 1),
+        ),
         channels=3,
         image_size=64,
         num_classes=num_classes,
-        loss_weights=(0.25, 0.5, 1.0),
-        schedule=ScheduleConfig("cosine"),
+        loss_weights=(0.25, 0.25, 0.5, 1.0),
+        schedule=ScheduleConfig("cosine", snr_scale=0.25),
     )
 
 

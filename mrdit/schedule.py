@@ -16,7 +16,18 @@ from .config import ScheduleConfig
 
 
 def betas_for(config: ScheduleConfig) -> torch.Tensor:
-    """The N betas of a schedule, float64."""
+    """The N betas of a schedule, float64, with its signal-to-noise ratio scaled by `snr_scale`."""
+    betas = base_betas(config)
+    if config.snr_scale == 1:
+        return betas
+    k = config.snr_scale
+    abar = torch.cumprod(1 - betas, dim=0)
+    shifted = k * abar / (1 + (k - 1) * abar)  # abar' / (1 - abar') = k abar / (1 - abar)
+    return 1 - shifted / torch.cat([shifted.new_ones(1), shifted[:-1]])
+
+
+def base_betas(config: ScheduleConfig) -> torch.Tensor:
+    """The N betas of the schedule's kind, float64, before any `snr_scale`."""
     N = config.num_steps
     if config.kind == "scaled-linear":  # Stable Diffusion: linear in sqrt(beta)
         return torch.linspace(math.sqrt(config.beta_start), math.sqrt(config.beta_end), N, dtype=torch.float64) ** 2

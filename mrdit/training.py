@@ -22,6 +22,7 @@ from .build import no_decay_parameter_names
 from .checkpoint import CheckpointError, atomic_write, load_model
 from .config import ConfigError, ModelConfig, changed_fields
 from .losses import multiscale_loss
+from .presets import get_preset
 from .schedule import NoiseSchedule
 
 STATE_PATTERN = re.compile(r"^state-(\d{8})\.pt$")
@@ -204,6 +205,16 @@ class EMA:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state, strict=True)
+
+
+def preset_with_overrides(cfg: TrainConfig) -> ModelConfig:
+    """The model a training config names: its preset with `model_overrides` applied."""
+    d = get_preset(cfg.model).to_dict()
+    for k, v in cfg.model_overrides.items():
+        if k not in d:
+            raise ConfigError(f"model_overrides: unknown model config field {k!r}")
+        d[k] = v
+    return ModelConfig.from_dict(d)
 
 
 def initial_weights(source: str, config: ModelConfig) -> dict[str, torch.Tensor]:

@@ -187,6 +187,24 @@ def test_schedule_inverse_and_ends():
         assert math.isinf(float(ns.log_snr(torch.tensor(0.0))))
 
 
+def test_snr_scale_shifts_log_snr_and_keeps_old_configs():
+    base = NoiseSchedule(ScheduleConfig("cosine"))
+    shifted = NoiseSchedule(ScheduleConfig("cosine", snr_scale=0.25))
+    snr = lambda abar: abar / (1 - abar)  # noqa: E731
+    assert torch.allclose(snr(shifted.abar), 0.25 * snr(base.abar), rtol=1e-9)  # every training step
+    t = torch.linspace(0.01, 1.0, 50)
+    # sampling time: lambda = log(alpha / sigma) is half the log of the ratio
+    assert torch.allclose(shifted.log_snr(t), base.log_snr(t) + 0.5 * math.log(0.25), atol=1e-3)
+    assert torch.allclose(shifted.inverse_log_snr(shifted.log_snr(t)), t, atol=1e-4)
+    # A config.json written before the field existed reads as snr_scale 1, the unshifted schedule.
+    assert (
+        ModelConfig.from_dict({**get_preset("tiny").to_dict(), "schedule": {"kind": "cosine"}}).schedule.snr_scale == 1
+    )
+    for bad in (0, -1.0, float("inf"), float("nan"), "0.25"):
+        with pytest.raises(ValueError, match="snr_scale"):
+            ScheduleConfig("cosine", snr_scale=bad)
+
+
 def test_cli_writes_grid_and_gif(tiny_model_dir, tmp_path):
     from PIL import Image
 

@@ -129,11 +129,21 @@ def features_of(clf: EmojiClassifier, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([clf.features(x[i : i + 256]) for i in range(0, len(x), 256)])
 
 
-def evaluate(model_dir: Path, clf: EmojiClassifier, data: Path, per_class: int, sampling: dict[str, Any]) -> dict:
-    """`sampling`: the keyword settings of `Pipeline.generate` (steps, guidance, sampler, schedule)."""
+def to_size(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Images (B, C, H, W) at the judge's size: area-averaged down (or bilinear up) when they differ."""
+    if x.shape[-1] == size:
+        return x
+    mode = "area" if x.shape[-1] > size else "bilinear"
+    return F.interpolate(x, size=(size, size), mode=mode)
+
+
+def evaluate(
+    model_dir: Path, clf: EmojiClassifier, data: Path, per_class: int, sampling: dict[str, Any], judge_size: int
+) -> dict:
+    """`sampling`: the keyword settings of `Pipeline.generate` (steps, guidance, sampler, schedule).
+    Samples are judged at `judge_size` (the classifier's), resized if the model makes another size."""
     pipe = Pipeline.from_pretrained(model_dir)
-    size = pipe.config.image_size
-    val = load_emoji(data, "val", size)
+    val = load_emoji(data, "val", judge_size)
     if pipe.class_names != val.class_names:
         raise SystemExit(f"error: {model_dir} classes {pipe.class_names} differ from the data's {val.class_names}")
     images, labels, seconds = [], [], 0.0
@@ -145,7 +155,7 @@ def evaluate(model_dir: Path, clf: EmojiClassifier, data: Path, per_class: int, 
             images.append(torch.from_numpy(res.arrays).permute(0, 3, 1, 2).float() / 127.5 - 1)
         seconds += time.perf_counter() - t0
         labels += [c] * per_class
-    x, y = torch.cat(images), torch.tensor(labels)
+    x, y = to_size(torch.cat(images), judge_size), torch.tensor(labels)
     with torch.no_grad():
         pred = clf(x).argmax(1)
     xv, _ = val.batch(torch.arange(len(val)))
@@ -156,6 +166,7 @@ def evaluate(model_dir: Path, clf: EmojiClassifier, data: Path, per_class: int, 
         "fd": frechet_distance(features_of(clf, x), features_of(clf, xv)),
         "sec_per_image": seconds / len(y),
         "samples_per_class": per_class,
+        "judge_size": judge_size,
     } | sampling
 
 
@@ -203,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance-power", type=float, default=1.0, help="p of the power-cosine schedule")
     p.add_argument("--sampler", default="dpm++2m")
     p.add_argument("--classifier-epochs", type=int, default=30)
+    p.add_argument(
+        "--judge-size",
+        type=int,
+        help="judge at this image size (a prepared size of the data); samples of another size are resized "
+        "(area-averaged down). Default: the models' own size, which must then be the same for all",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--no-card", action="store_true", help="do not write eval.json / update the model cards")
     p.add_argument("--figure", type=Path, help="also write a side-by-side figure of the models at the same seeds (PNG)")
@@ -212,8 +229,19 @@ def main(argv: list[str] | None = None) -> int:
     print("config:", json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, default=str))
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = json.loads((args.models[0] / "config.json").read_text())["image_size"]
-    clf, val_acc, val_per_class = classifier(args.data, size, args.classifier_epochs)
+    sizes = {}
+    for m in args.models:
+        try:
+            sizes[m] = int(json.loads((m / "config.json").read_text())["image_size"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            p.error(f"{m}: not a model directory with a readable config.json ({e})")
+    if args.judge_size is None and len(set(sizes.values())) > 1:
+        p.error(f"the models make different image sizes ({sorted(set(sizes.values()))}); pass --judge-size")
+    size = args.judge_size or next(iter(sizes.values()))
+    try:
+        clf, val_acc, val_per_class = classifier(args.data, size, args.classifier_epochs)
+    except (OSError, ValueError) as e:  # no such prepared size, or no prepared data at all
+        p.error(f"cannot judge at {size} px: {e}")
     train, val = load_emoji(args.data, "train", size), load_emoji(args.data, "val", size)
     xt, _ = train.batch(torch.arange(len(train)))
     xv, _ = val.batch(torch.arange(len(val)))
@@ -232,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = []
     for m in args.models:
-        r = evaluate(m, clf, args.data, args.per_class, sampling)
+        r = evaluate(m, clf, args.data, args.per_class, sampling, size)
         r |= {
             "fd_floor": floor,
             "classifier_val_accuracy": val_acc,

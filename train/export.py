@@ -86,10 +86,13 @@ def recipe_line(cfg: dict, then: str = "") -> str:
 def training_lines(run_info: dict) -> str:
     """The card's lines for one training run; a fine-tune (a run started with `init_from`) first describes
     the training of the model it started from, as recorded in that model's run_info.json."""
+    if run_info.get("grown_from"):
+        return grown_lines(run_info)
     lines = ""
     source = run_info.get("source")
     if source is not None:
-        lines += f"- Started from `{run_info['init_from']}`, trained as follows:\n"
+        made = "made" if source.get("grown_from") else "trained"
+        lines += f"- Started from `{run_info['init_from']}`, {made} as follows:\n"
         lines += "".join("  " + line + "\n" for line in training_lines(source).splitlines())
         lines += "- Then fine-tuned from those weights (fresh optimizer):\n"
     elif run_info.get("init_from"):
@@ -104,6 +107,29 @@ def training_lines(run_info: dict) -> str:
         + f"{indent}- Hardware: {run_info.get('hardware', '?')}\n"
     )
     return lines
+
+
+def grown_lines(run_info: dict) -> str:
+    """The card's lines for a model made by train/grow.py, then the training of the model it grew from."""
+    copied, added = run_info.get("copied_branches", "?"), run_info.get("added_branches", [])
+    lines = (
+        f"- Grown from `{run_info['grown_from']}` with `{run_info.get('command', '?')}`: its {copied} branches "
+        f"copied (patchify kernels widened {run_info.get('patch_factor', '?')}x), "
+        f"branch{'es' if len(added) > 1 else ''} {', '.join(map(str, added))} new\n"
+    )
+    source = run_info.get("source")
+    if source is None:
+        return lines + "  - that model's training is not recorded here\n"
+    lines += f"- `{run_info['grown_from']}` was trained as follows:\n"
+    return lines + "".join("  " + line + "\n" for line in training_lines(source).splitlines())
+
+
+def schedule_text(schedule) -> str:
+    """ "cosine, 1000 steps", with the signal-to-noise scale when there is one."""
+    text = f"{schedule.kind}, {schedule.num_steps} steps"
+    if schedule.snr_scale != 1:
+        text += f", signal-to-noise ratio scaled by {schedule.snr_scale:g}"
+    return text
 
 
 def guidance_text(evaluation: dict) -> str:
@@ -134,6 +160,12 @@ def card(name: str, mc: ModelConfig, n_params: int, run_info: dict, evaluation: 
             f"| sampling time per image ({evaluation['sampler']}, {evaluation['steps']} steps, guidance {guidance_text(evaluation)}) | {evaluation['sec_per_image'] * 1000:.0f} ms |\n"
             f"\n{evaluation['samples_per_class']} samples per class, seeds 0..{evaluation['samples_per_class'] - 1}."
         )
+        judge = evaluation.get("judge_size", mc.image_size)
+        if judge != mc.image_size:
+            quality += (
+                f" The samples were judged at {judge} px (area-averaged from {mc.image_size} px), by the classifier "
+                f"and against the validation split at {judge} px, so the numbers compare with the {judge} px models'."
+            )
         real = evaluation.get("classifier_val_per_class_accuracy")
         if real:  # how the judge does on real emoji of each class: the ceiling it puts on the samples' score
             rows = "\n".join(
@@ -166,7 +198,7 @@ A class-conditional pixel-space {arch} model for {mc.image_size}x{mc.image_size}
 {branches}
 
 Classes ({mc.num_classes - 1}, plus the null label {mc.null_label} for guidance): {classes}.
-Noise schedule: {mc.schedule.kind}, {mc.schedule.num_steps} steps; loss weights {list(mc.loss_weights)}.
+Noise schedule: {schedule_text(mc.schedule)}; loss weights {list(mc.loss_weights)}.
 
 ![samples](samples.png)
 

@@ -44,6 +44,7 @@ from mrdit.training import (
     lr_at,
     make_optimizer,
     noisy_batch,
+    preset_with_overrides,
     save_state,
     train_step,
 )
@@ -58,15 +59,6 @@ def load_dataset(cfg: TrainConfig, model_config: ModelConfig):
     if model_config.autoencoder is None:
         raise ConfigError("data: latents need a model config with an autoencoder")
     return LatentDataset(cfg.data_path, model_config.autoencoder.scale_factor)
-
-
-def preset_with_overrides(cfg: TrainConfig) -> ModelConfig:
-    d = get_preset(cfg.model).to_dict()
-    for k, v in cfg.model_overrides.items():
-        if k not in d:
-            raise ConfigError(f"model_overrides: unknown model config field {k!r}")
-        d[k] = v
-    return ModelConfig.from_dict(d)
 
 
 def resolve_model_config(cfg: TrainConfig, class_names: list[str]) -> ModelConfig:
