@@ -108,7 +108,10 @@ def resolve_model_dir(path_or_repo: str | Path, revision: str | None = None) -> 
     try:
         return Path(snapshot_download(repo_id=s, revision=revision, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # offline, unknown repo, auth: all become one clear message
-        raise CheckpointError(f"{s}: could not download from the Hugging Face Hub ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"{s}: no such local model directory, and no Hugging Face Hub repo of that id could be downloaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def read_config(directory: str | Path) -> ModelConfig:

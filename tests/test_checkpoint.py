@@ -184,7 +184,7 @@ def test_hub_failure_is_clear(monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(CheckpointError, match="could not download"):
+    with pytest.raises(CheckpointError, match="no Hugging Face Hub repo of that id could be downloaded"):
         load_model("someone/absent")
 
 

@@ -108,7 +108,7 @@ def test_grow_cli_then_train_from_it_and_export(tmp_path, emoji_data):
     grow_args = [str(src_dir), "--config", str(tmp_path / "big.json"), "--out", str(tmp_path / "grown")]
     r = subprocess.run([*GROW, *grow_args], env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "branches 0-2 from" in r.stdout and "[3] new" in r.stdout
+    assert "branches 0-2 from" in r.stdout and "branch 3 new" in r.stdout
     grown = load_model(tmp_path / "grown")
     assert grown.config.image_size == 32 and len(grown.config.branches) == 4
     assert grown.config.class_names == load_model(src_dir).config.class_names

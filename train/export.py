@@ -112,10 +112,10 @@ def training_lines(run_info: dict) -> str:
 def grown_lines(run_info: dict) -> str:
     """The card's lines for a model made by train/grow.py, then the training of the model it grew from."""
     copied, added = run_info.get("copied_branches", "?"), run_info.get("added_branches", [])
+    new = f"branch{'es' if len(added) > 1 else ''} {', '.join(map(str, added))} new" if added else "no new branch"
     lines = (
         f"- Grown from `{run_info['grown_from']}` with `{run_info.get('command', '?')}`: its {copied} branches "
-        f"copied (patchify kernels widened {run_info.get('patch_factor', '?')}x), "
-        f"branch{'es' if len(added) > 1 else ''} {', '.join(map(str, added))} new\n"
+        f"copied (patchify kernels widened {run_info.get('patch_factor', '?')}x), {new}\n"
     )
     source = run_info.get("source")
     if source is None:

@@ -74,10 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         run_info["source"] = json.loads(source_info.read_text())
     (args.out / "run_info.json").write_text(json.dumps(run_info, indent=2))
     n_fresh = sum(target.state_dict()[name].numel() for name in fresh)
-    print(
-        f"wrote {args.out}: branches 0-{copied - 1} from {args.source}, branch(es) {added} new "
-        f"({n_fresh:,} of {sum(p.numel() for p in target.parameters()):,} parameters)"
-    )
+    new = f"branch{'es' if len(added) > 1 else ''} {', '.join(map(str, added))} new" if added else "no new branch"
+    total = sum(p.numel() for p in target.parameters())
+    print(f"wrote {args.out}: branches 0-{copied - 1} from {args.source}, {new} ({n_fresh:,} of {total:,} parameters)")
     return 0
 
 
