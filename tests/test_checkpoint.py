@@ -263,3 +263,17 @@ def test_meta_build_for_full_presets():
     for name in ("dimr-xl-2r", "dimr-g-2r", "dimr-xl-3r"):
         m = build_model(name, device="meta")
         assert next(m.parameters()).device.type == "meta"
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through a private temporary file; the result is readable like any new file."""
+    import os
+    import stat
+
+    from mrdit import build_model, get_preset, save_model
+
+    save_model(build_model(get_preset("tiny")), tmp_path / "m")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o666 & ~mask, name
