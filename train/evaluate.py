@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.per_class < 1 or args.steps < 1 or args.guidance < 0 or args.guidance_power < 0:
         p.error("--per-class and --steps must be >= 1; --guidance and --guidance-power must be >= 0")
+    if args.judge_size is not None and args.judge_size < 1:
+        p.error("--judge-size must be >= 1")
     print("config:", json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, default=str))
     if args.threads:
         torch.set_num_threads(args.threads)
