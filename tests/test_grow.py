@@ -88,7 +88,7 @@ def test_grow_cli_then_train_from_it_and_export(tmp_path, emoji_data):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run(
-        [*EXPORT, str(tmp_path / "run"), "--name", "src", "--weights-dir", str(tmp_path), "--no-samples"]
+        [*EXPORT, str(tmp_path / "run"), "--name", "src", "--weights-dir", str(tmp_path), "--no-samples"], env=ENV
     )
     assert r.returncode == 0
 
@@ -136,7 +136,7 @@ def test_grow_cli_then_train_from_it_and_export(tmp_path, emoji_data):
     tuned = load_model(tmp_path / "bigrun" / "ema").state_dict()
     assert all(torch.allclose(tuned[k], v, atol=1e-6) for k, v in grown.state_dict().items())
     r = subprocess.run(
-        [*EXPORT, str(tmp_path / "bigrun"), "--name", "big", "--weights-dir", str(tmp_path), "--no-samples"]
+        [*EXPORT, str(tmp_path / "bigrun"), "--name", "big", "--weights-dir", str(tmp_path), "--no-samples"], env=ENV
     )
     assert r.returncode == 0
     text = (tmp_path / "big" / "README.md").read_text()
