@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from mrdit.checkpoint import CheckpointError, read_config
 from mrdit.data import TensorImageDataset, load_emoji
 from mrdit.guidance import GUIDANCE_SCHEDULES
 from mrdit.pipeline import DEFAULT_GUIDANCE, Pipeline
@@ -234,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {}
     for m in args.models:
         try:
-            sizes[m] = int(json.loads((m / "config.json").read_text())["image_size"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            p.error(f"{m}: not a model directory with a readable config.json ({e})")
+            sizes[m] = read_config(m).image_size
+        except CheckpointError as e:
+            p.error(str(e))
     if args.judge_size is None and len(set(sizes.values())) > 1:
         p.error(f"the models make different image sizes ({sorted(set(sizes.values()))}); pass --judge-size")
     size = args.judge_size or next(iter(sizes.values()))

@@ -93,7 +93,7 @@ def training_lines(run_info: dict) -> str:
     if source is not None:
         made = "made" if source.get("grown_from") else "trained"
         lines += f"- Started from `{run_info['init_from']}`, {made} as follows:\n"
-        lines += "".join("  " + line + "\n" for line in training_lines(source).splitlines())
+        lines += indented(training_lines(source))
         lines += "- Then fine-tuned from those weights (fresh optimizer):\n"
     elif run_info.get("init_from"):
         lines += f"- Fine-tuned from `{run_info['init_from']}` (fresh optimizer); that model's training is not recorded here\n"
@@ -109,6 +109,11 @@ def training_lines(run_info: dict) -> str:
     return lines
 
 
+def indented(lines: str) -> str:
+    """Markdown list lines nested one level deeper."""
+    return "".join("  " + line + "\n" for line in lines.splitlines())
+
+
 def grown_lines(run_info: dict) -> str:
     """The card's lines for a model made by train/grow.py, then the training of the model it grew from."""
     copied, added = run_info.get("copied_branches", "?"), run_info.get("added_branches", [])
@@ -121,7 +126,7 @@ def grown_lines(run_info: dict) -> str:
     if source is None:
         return lines + "  - that model's training is not recorded here\n"
     lines += f"- `{run_info['grown_from']}` was trained as follows:\n"
-    return lines + "".join("  " + line + "\n" for line in training_lines(source).splitlines())
+    return lines + indented(training_lines(source))
 
 
 def schedule_text(schedule) -> str:
