@@ -264,6 +264,23 @@ def bench_sampling(net, device, runs, repeat: int, flops_per_run, mm_rate) -> tu
     return out, fractions, images_out
 
 
+def parse_inductor_setting(spec: str) -> tuple[str, object]:
+    """'max_autotune=true' -> ('max_autotune', True): a torch._inductor.config setting for every compile
+    in the run. Values are read as JSON where they parse (true, 3, 0.5) and as strings otherwise."""
+    import torch._inductor.config as inductor_config
+
+    key, sep, raw = spec.partition("=")
+    if not sep or not hasattr(inductor_config, key):
+        raise argparse.ArgumentTypeError(
+            f"inductor setting {spec!r}: expected KEY=VALUE with KEY a torch._inductor.config name"
+        )
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key, value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -330,10 +347,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=None, help="images per sampling run (default 1 on GPU, 4 on CPU)")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "forward", "sampling"])
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument(
+        "--inductor",
+        nargs="+",
+        type=parse_inductor_setting,
+        default=[],
+        metavar="KEY=VALUE",
+        help="compiler settings for every compiled case, e.g. max_autotune=true coordinate_descent_tuning=true",
+    )
     p.add_argument("--out", type=Path, help="JSON results file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    inductor_settings = {}
+    if args.inductor:
+        import torch._inductor.config as inductor_config
+
+        for key, value in args.inductor:
+            setattr(inductor_config, key, value)
+        inductor_settings = {key: getattr(inductor_config, key) for key, _ in args.inductor}  # as in effect
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     amp_name = args.amp or ("bf16" if gpu else "none")
@@ -363,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "amp": amp_name,
         "params": sum(p.numel() for p in model.parameters()),
+        "inductor": inductor_settings,
     }
 
     def save() -> None:

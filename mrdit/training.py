@@ -145,8 +145,8 @@ def compile_for_training(model: nn.Module, mode: bool | str, memory_budget: floa
     "blocks" (regional compilation of `compile_regions` in place: identical modules share one compiled
     graph, so compiling takes seconds, and it works inside activation checkpointing). `memory_budget` < 1
     lets the compiled backward keep only that fraction of the activations and recompute the rest,
-    cheapest first; on one H100, DiMR-XL/2R at batch 128 with compiled blocks and 0.25 trains at 1.6x the
-    eager checkpointed speed (bench/NOTES.md). The budget is a process-wide compiler setting."""
+    cheapest first; on one H100, DiMR-XL/2R at batch 128 with compiled regions and 0.25 trains at 1.9x the
+    eager checkpointed speed in less memory (bench/NOTES.md). The budget is a process-wide compiler setting."""
     if memory_budget < 1:
         import torch._functorch.config as functorch_config
 

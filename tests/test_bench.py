@@ -15,6 +15,7 @@ def test_bench_writes_forward_sampling_and_training_numbers(tmp_path):
     out = tmp_path / "bench.json"
     args = ["--forward-batches", "1", "2", "--no-compile", "--sampling-repeat", "1", "--train-steps", "1"]
     args += ["--train-cases", "32:plain", "32:ckpt", "32:blocks+ckpt", "32:blocks@0.5", "--profile"]
+    args += ["--inductor", "coordinate_descent_tuning=true", "fallback_random=true"]
     r = subprocess.run([*BENCH, *args, "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -24,6 +25,7 @@ def test_bench_writes_forward_sampling_and_training_numbers(tmp_path):
     assert res["train"]["b32_nockpt"]["img_per_s"] > 0 and res["train"]["b32_ckpt"]["img_per_s"] > 0
     assert res["train"]["b32_ckpt_compile_blocks"]["img_per_s"] > 0  # regional compilation inside checkpointing
     assert res["train"]["b32_nockpt_compile_blocks_budget0.5"]["img_per_s"] > 0  # a compiled-backward memory budget
+    assert res["inductor"] == {"coordinate_descent_tuning": True, "fallback_random": True}  # compiler settings
     assert res["forward_profile"]["eager"][0]["ms"] > 0 and "profile of eager, batch 2" in r.stdout
     assert "forward eager  batch    2" in r.stdout and f"wrote {out}" in r.stdout
 
@@ -39,6 +41,8 @@ def test_bench_rejects_variants_it_cannot_run_here(tmp_path):
     assert r.returncode == 2 and "bf16+graphs not available here" in r.stderr
     r = subprocess.run([*BENCH, "--train-cases", "128:fast"], capture_output=True, text=True)
     assert r.returncode == 2 and "expected BATCH:MODE[@BUDGET]" in r.stderr
+    r = subprocess.run([*BENCH, "--inductor", "no_such_setting=1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "expected KEY=VALUE with KEY a torch._inductor.config name" in r.stderr
 
 
 def test_saved_memory_counts_less_with_a_memory_budget(tmp_path):
