@@ -435,7 +435,13 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
     )
     assert bad.returncode == 2 and "--guidance-power must be >= 0" in bad.stderr
     assert set(ev["classifier_val_per_class_accuracy"]) == set(ev["per_class_accuracy"])
-    assert "| class | tiny-emoji | real validation emoji |" in r.stdout
+    assert "| class | tiny-emoji | real training emoji | real validation emoji |" in r.stdout
+    seen = ev["classifier_train_per_class_accuracy"]  # the judge on the training images: a ceiling
+    assert set(seen) == set(ev["per_class_accuracy"])
+    present = [a for a in seen.values() if a is not None]  # classes with training images
+    assert ev["classifier_train_accuracy"] == pytest.approx(sum(present) / len(present))
+    assert "| class | samples | real training emoji | real validation emoji |" in card
+    assert "reproduced them exactly would score" in card and "reproduced them exactly would score" in r.stdout
     assert (tmp_path / "fig.png").is_file() and "| tiny-emoji |" in r.stdout
 
 
@@ -557,6 +563,23 @@ def test_frechet_distance_known_values():
     assert frechet_distance(a, a) < 1e-6
     assert abs(frechet_distance(a, b) - 1.0) < 0.1  # mean shift of 1
     assert abs(frechet_distance(a, c) - 4.0) < 0.2  # trace term: 4 * (1 + 4 - 2 * 2) = 4
+
+
+def test_judge_on_real_images_is_class_balanced():
+    sys.path.insert(0, str(ROOT / "train"))
+    from evaluate import judge_real
+
+    from mrdit.data import TensorImageDataset
+
+    images = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
+    data = TensorImageDataset(images, torch.tensor([0, 0, 0, 1]), ["a", "b", "c"])
+
+    def always_a(x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([1.0, 0.0, 0.0]).expand(len(x), 3)  # logits: class a for every image
+
+    balanced, per_class = judge_real(always_a, data)
+    assert per_class == {"a": 1.0, "b": 0.0, "c": None}  # c has no images
+    assert balanced == 0.5  # the mean over present classes, not the 3/4 of all images
 
 
 def test_card_recipe_names_a_later_phase():

@@ -162,7 +162,13 @@ def card(name: str, mc: ModelConfig, n_params: int, run_info: dict, evaluation: 
             f"| class accuracy of samples (classifier trained on the train split) | {evaluation['accuracy'] * 100:.1f}% |\n"
             f"| Frechet distance to the validation split (classifier features) | {evaluation['fd']:.2f} |\n"
             f"| the same distance, train split vs validation split (floor) | {evaluation['fd_floor']:.2f} |\n"
-            f"| sampling time per image ({evaluation['sampler']}, {evaluation['steps']} steps, guidance {guidance_text(evaluation)}) | {evaluation['sec_per_image'] * 1000:.0f} ms |\n"
+            + (
+                "| the classifier's accuracy on the real training images, class-balanced (what a model that "
+                f"reproduced them exactly would score) | {evaluation['classifier_train_accuracy'] * 100:.1f}% |\n"
+                if "classifier_train_accuracy" in evaluation
+                else ""
+            )
+            + f"| sampling time per image ({evaluation['sampler']}, {evaluation['steps']} steps, guidance {guidance_text(evaluation)}) | {evaluation['sec_per_image'] * 1000:.0f} ms |\n"
             f"\n{evaluation['samples_per_class']} samples per class, seeds 0..{evaluation['samples_per_class'] - 1}."
         )
         judge = evaluation.get("judge_size", mc.image_size)
@@ -173,13 +179,19 @@ def card(name: str, mc: ModelConfig, n_params: int, run_info: dict, evaluation: 
             )
         real = evaluation.get("classifier_val_per_class_accuracy")
         if real:  # how the judge does on real emoji of each class: the ceiling it puts on the samples' score
-            rows = "\n".join(
-                f"| {c} | {percent(evaluation['per_class_accuracy'][c])} | {percent(a)} |" for c, a in real.items()
-            )
+            columns = {"samples": evaluation["per_class_accuracy"]}
+            overall = []
+            if "classifier_train_per_class_accuracy" in evaluation:  # evaluations since the training column
+                columns["real training emoji"] = evaluation["classifier_train_per_class_accuracy"]
+                overall.append(
+                    f"real training emoji (class-balanced {evaluation['classifier_train_accuracy'] * 100:.1f}%)"
+                )
+            columns["real validation emoji"] = real
+            overall.append(f"real validation emoji (overall {evaluation['classifier_val_accuracy'] * 100:.1f}%)")
+            rows = "\n".join(f"| {c} | " + " | ".join(percent(col[c]) for col in columns.values()) + " |" for c in real)
             quality += (
-                "\n\nPer class, the samples' accuracy next to the classifier's own accuracy on real validation "
-                f"emoji (overall {evaluation['classifier_val_accuracy'] * 100:.1f}%):\n\n"
-                f"| class | samples | real validation emoji |\n|---|---|---|\n{rows}"
+                f"\n\nPer class, the samples' accuracy next to the classifier's own accuracy on {' and on '.join(overall)}:\n\n"
+                f"| class | {' | '.join(columns)} |\n" + "|---" * (len(columns) + 1) + f"|\n{rows}"
             )
     else:
         quality = "Not measured yet: run `python train/evaluate.py weights/" + name + "`."
