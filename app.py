@@ -451,7 +451,7 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
                     list(SAMPLERS),
                     value="dpm++2m",
                     label="Sampler",
-                    info="dpm++2m: fast default · dpm-fast: the release's · ddim / ddpm: the classics",
+                    info="dpm++2m: fast default · dpm++2m-sde: stochastic, sharper · dpm-fast: the release's · ddim / ddpm: the classics",
                 )
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary")

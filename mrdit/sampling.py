@@ -10,6 +10,9 @@ time t in (0, 1] on the model's noise schedule, from t = 1 down a grid uniform i
 - `dpm-fast`: the release's sampler, DPM-Solver++ singlestep with orders 3/2/1 mixed (Lu et al. 2022),
   `steps` network evaluations, ending at t = 1/N with no extra denoising step.
 - `dpm++2m`: multistep DPM-Solver++ (2nd order), one evaluation per step, last step to the clean end.
+- `dpm++2m-sde`: the stochastic counterpart of `dpm++2m` (DPM-Solver++(2M) for the reverse SDE, Lu et
+  al. 2022b): each step is the DDPM posterior step plus a second-order correction from the previous
+  prediction, so it injects fresh noise like `ddpm` but needs far fewer steps.
 - `ddim` (deterministic with eta = 0) and `ddpm` (ancestral, i.e. DDIM with eta = 1).
 
 Pixel-space models clamp clean-image estimates to [-1, 1] (config `clip_x0`), as DDPM did: near t = 1
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 from .guidance import Denoiser, guidance_weight_fn, guided_denoiser
 from .schedule import NoiseSchedule
 
-SAMPLERS = ("dpm-fast", "dpm++2m", "ddim", "ddpm")
+SAMPLERS = ("dpm-fast", "dpm++2m", "dpm++2m-sde", "ddim", "ddpm")
 MAX_STEPS = 1000
 
 
@@ -178,6 +181,39 @@ def _dpmpp_2m(ev: _Evaluator, x: torch.Tensor, steps: int) -> Iterator[StepState
         yield ev.state(i, steps, x, t)
 
 
+def _dpmpp_2m_sde(
+    ev: _Evaluator, x: torch.Tensor, steps: int, generators: Sequence[torch.Generator] | None
+) -> Iterator[StepState]:
+    """Multistep second-order solver of the reverse SDE in data prediction. With h = lambda_t - lambda_s:
+
+        x_t = (sigma_t / sigma_s) e^-h x_s + alpha_t (1 - e^-2h) D_mid + sigma_t sqrt(1 - e^-2h) z
+
+    i.e. DDPM's posterior step with the data prediction taken at the middle of the step, D_mid =
+    D_s + (h / 2) (D_s - D_prev) / h_prev, extrapolated linearly in lambda from the two latest
+    predictions (as `dpm++2m` does for the ODE). The first step is first order, and so is the step to
+    t = 1/N: on a grid uniform in t its lambda-step is several times the one before, and extrapolating
+    D, which carries the injected noise, that far inflates the final noise (measured on Gaussian data:
+    +0.24 standard deviation at 12 steps against -0.02 with it first order). The last step lands on D."""
+    ns = ev.schedule
+    ts = _grid_to_clean(ns, steps)
+    d_prev, h_prev = None, None
+    for i in range(steps):
+        s, t = ts[i], ts[i + 1]
+        d = ev(x, s)
+        if float(t) == 0.0:
+            x = d
+        else:
+            h = ns.log_snr(t) - ns.log_snr(s)
+            keep = -torch.expm1(-2 * h)  # 1 - e^-2h
+            x = (ns.sigma(t) / ns.sigma(s)) * torch.exp(-h) * x + ns.alpha(t) * keep * d
+            if d_prev is not None and i < steps - 2:
+                x = x + ns.alpha(t) * keep * (h / (2 * h_prev)) * (d - d_prev)
+            x = x + ns.sigma(t) * torch.sqrt(keep) * _noise_like(x, generators)
+            h_prev = h
+        d_prev = d
+        yield ev.state(i, steps, x, t)
+
+
 def _ddim(
     ev: _Evaluator, x: torch.Tensor, steps: int, eta: float, generators: Sequence[torch.Generator] | None
 ) -> Iterator[StepState]:
@@ -253,6 +289,8 @@ def iterate(
         yield from _dpm_fast(ev, x, steps)
     elif sampler == "dpm++2m":
         yield from _dpmpp_2m(ev, x, steps)
+    elif sampler == "dpm++2m-sde":
+        yield from _dpmpp_2m_sde(ev, x, steps, generators)
     elif sampler == "ddim":
         yield from _ddim(ev, x, steps, 0.0 if eta is None else eta, generators)
     else:

@@ -92,7 +92,7 @@ def test_bad_inputs_are_gr_errors(weights, args):
     st.one_of(st.integers(-3, 2**64), st.floats(allow_nan=True)),
     st.one_of(st.integers(-2, 3), st.floats(allow_nan=True)),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from(["ddim", "dpm++2m", "x", ""]),
+    st.sampled_from(["ddim", "dpm++2m", "dpm++2m-sde", "x", ""]),
 )
 def test_fuzz_inputs_give_results_or_gr_errors(class_label, seed, steps, guidance, sampler):
     old = app.WEIGHTS
@@ -104,6 +104,19 @@ def test_fuzz_inputs_give_results_or_gr_errors(class_label, seed, steps, guidanc
         pass
     finally:
         app.WEIGHTS = old
+
+
+def test_stochastic_sampler_is_offered_and_repeats_per_seed(weights):
+    """dpm++2m-sde draws fresh noise every step, from the seed's own generator: the same request gives
+    the same images, another seed another."""
+
+    def final(seed):
+        return list(app.generate("heart", seed, 5, 2.0, "dpm++2m-sde", 2, "tiny"))[-1][1]
+
+    assert "dpm++2m-sde" in app.SAMPLERS
+    a, b, c = final(4), final(4), final(5)
+    assert all((x == y).all() for x, y in zip(a, b, strict=True))
+    assert not (a[0] == c[0]).all()
 
 
 def test_generate_streams_then_scrub_step_mode_and_gif(weights, tmp_path, monkeypatch):
