@@ -6,8 +6,10 @@ A small classifier is trained once on the training split (cached beside the data
 directory, N samples per class are generated at fixed seeds and settings; the script reports
 (a) the classifier's accuracy on the samples, (b) the Frechet distance between classifier features
 of the samples and of the validation split, next to the same distance between the training and
-validation splits (the floor), and (c) sampling time per image on this machine. Results go to
-`eval.json` in each model directory and into its model card.
+validation splits (the floor), and (c) sampling time per image on this machine. It also scores the
+real training images, class-balanced as the samples are: what a model that reproduced them exactly
+would get, the ceiling this judge puts on (a). Results go to `eval.json` in each model directory and
+into its model card.
 """
 
 from __future__ import annotations
