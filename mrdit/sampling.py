@@ -260,9 +260,12 @@ def iterate(
 
     `guidance` is w in eps_u + w (eps_c - eps_u) (1 = none; the release's "0.4" is 1.4). With
     `guidance_schedule="power-cosine"`, w rises from 1 to `guidance` (= w_max) with power `guidance_power`.
-    `generators` (one per image) drive the fresh noise of stochastic samplers.
+    `generators` (one per image) drive the fresh noise of stochastic samplers. `eta` is DDIM's
+    stochasticity (default 0 for `ddim`, 1 for `ddpm`); the other samplers refuse it.
     """
     validate_sampling_args(sampler, steps, guidance, guidance_schedule, guidance_power)
+    if eta is not None and (sampler not in ("ddim", "ddpm") or not math.isfinite(eta) or eta < 0):
+        raise ValueError(f"eta applies to ddim and ddpm only, as a finite number >= 0; got eta={eta!r} with {sampler}")
     config = model.config
     if labels.shape != (noise.shape[0],):
         raise ValueError(f"labels must have shape ({noise.shape[0]},), got {tuple(labels.shape)}")

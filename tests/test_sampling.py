@@ -192,6 +192,8 @@ def test_power_cosine_rises_from_one_to_max():
         (dict(guidance=float("nan")), "guidance"),
         (dict(guidance=-1.0), "guidance"),
         (dict(guidance_schedule="linear"), "guidance_schedule"),
+        (dict(sampler="dpm++2m-sde", eta=0.5), "eta applies to ddim and ddpm only"),
+        (dict(sampler="ddim", eta=-1.0), "eta applies to ddim and ddpm only"),
     ],
 )
 def test_bad_arguments(tiny, kw, msg):
