@@ -67,3 +67,10 @@ def grow(source: nn.Module, target: nn.Module) -> list[str]:
             )
         state[name].copy_(new)
     return [name for name in state if name not in src]
+
+
+def added_text(added: list[int]) -> str:
+    """ "branches 3, 4 new" / "branch 3 new" / "no new branch": how a grown model's card and log say it."""
+    if not added:
+        return "no new branch"
+    return f"branch{'es' if len(added) > 1 else ''} {', '.join(map(str, added))} new"

@@ -109,19 +109,22 @@ def classifier(data: Path, size: int, epochs: int) -> tuple[EmojiClassifier, flo
     else:
         clf = train_classifier(train, epochs)
         save_file(clf.state_dict(), str(path))
-    x, y = val.batch(torch.arange(len(val)))
-    with torch.no_grad():
-        pred = clf(x).argmax(1)
+    pred, y = predictions(clf, val)
     return clf, float((pred == y).float().mean()), per_class_accuracy(pred, y, val.class_names)
+
+
+def predictions(clf: EmojiClassifier, data: TensorImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier's predicted class for every real image of a split, and the true classes."""
+    x, y = data.batch(torch.arange(len(data)))
+    with torch.no_grad():
+        return torch.cat([clf(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)]), y
 
 
 def judge_real(clf: EmojiClassifier, data: TensorImageDataset) -> tuple[float, dict[str, float | None]]:
     """The classifier on real images of a split: the class-balanced mean of its per-class accuracy and
     those accuracies. On the training split this is the score of a model that reproduced its training
     images exactly (the samples are class-balanced too): a ceiling the judge puts on the samples' score."""
-    x, y = data.batch(torch.arange(len(data)))
-    with torch.no_grad():
-        pred = torch.cat([clf(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
+    pred, y = predictions(clf, data)
     per_class = per_class_accuracy(pred, y, data.class_names)
     present = [a for a in per_class.values() if a is not None]
     return sum(present) / len(present), per_class

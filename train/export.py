@@ -19,6 +19,7 @@ import torch
 from mrdit import save_model
 from mrdit.build import build_model
 from mrdit.config import ModelConfig
+from mrdit.grow import added_text
 from mrdit.pipeline import DEFAULT_GUIDANCE, Pipeline
 from mrdit.training import load_latest_state
 from mrdit.visual import grid, upscale_nearest
@@ -117,10 +118,9 @@ def indented(lines: str) -> str:
 def grown_lines(run_info: dict) -> str:
     """The card's lines for a model made by train/grow.py, then the training of the model it grew from."""
     copied, added = run_info.get("copied_branches", "?"), run_info.get("added_branches", [])
-    new = f"branch{'es' if len(added) > 1 else ''} {', '.join(map(str, added))} new" if added else "no new branch"
     lines = (
         f"- Grown from `{run_info['grown_from']}` with `{run_info.get('command', '?')}`: its {copied} branches "
-        f"copied (patchify kernels widened {run_info.get('patch_factor', '?')}x), {new}\n"
+        f"copied (patchify kernels widened {run_info.get('patch_factor', '?')}x), {added_text(added)}\n"
     )
     source = run_info.get("source")
     if source is None:

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from mrdit import CheckpointError, ConfigError, build_model, get_preset, load_model, save_model
-from mrdit.grow import grow
+from mrdit.checkpoint import atomic_write
+from mrdit.grow import added_text, grow
 from mrdit.presets import PRESETS
 from mrdit.training import TrainConfig, preset_with_overrides
 
@@ -72,11 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     if source_info.is_file():
         run_info["source"] = json.loads(source_info.read_text())
-    (args.out / "run_info.json").write_text(json.dumps(run_info, indent=2))
+    atomic_write(args.out / "run_info.json", lambda f: f.write(json.dumps(run_info, indent=2).encode()))
     n_fresh = sum(target.state_dict()[name].numel() for name in fresh)
-    new = f"branch{'es' if len(added) > 1 else ''} {', '.join(map(str, added))} new" if added else "no new branch"
     total = sum(p.numel() for p in target.parameters())
-    print(f"wrote {args.out}: branches 0-{copied - 1} from {args.source}, {new} ({n_fresh:,} of {total:,} parameters)")
+    print(
+        f"wrote {args.out}: branches 0-{copied - 1} from {args.source}, {added_text(added)} "
+        f"({n_fresh:,} of {total:,} parameters)"
+    )
     return 0
 
 
