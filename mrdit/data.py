@@ -79,6 +79,7 @@ class ImageFolderDataset:
         ]
         if not self.files:
             raise ValueError(f"{self.root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.labels = torch.tensor([c for _, c in self.files])  # (N,)
         self.flip_ok = torch.ones(len(self.class_names), dtype=torch.bool)
 
     def __len__(self) -> int:

@@ -53,6 +53,7 @@ class TrainConfig:
     activation_memory_budget: float = 1.0  # compiled backward keeps this fraction of activations (< 1: recompute)
     channels_last: bool = False
     flips: bool = True
+    class_balanced: bool = False  # draw classes uniformly (then an image within the class), not images uniformly
     seed: int = 0
     log_every: int = 50
     sample_every: int = 2000
@@ -240,6 +241,25 @@ def batch_indices(step: int, n: int, global_batch: int, seed: int, rank: int = 0
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
         mask = epochs == e
         out[mask] = perm[offsets[mask]]
+    per_rank = global_batch // world
+    return out[rank * per_rank : (rank + 1) * per_rank]
+
+
+def balanced_batch_indices(
+    step: int, labels: torch.Tensor, global_batch: int, seed: int, rank: int = 0, world: int = 1
+) -> torch.Tensor:
+    """This rank's dataset indices for `step` with every class equally likely: a class drawn uniformly
+    among those present in `labels` (N,), then one of its images uniformly, with replacement. Seeded by
+    (seed, step) alone, so resume is exact at any world size, like `batch_indices`. For data whose
+    classes are unequally common (rare classes would otherwise get few updates) when every class will be
+    asked for equally often."""
+    classes, counts = labels.unique(return_counts=True)
+    by_class = labels.argsort(stable=True)  # indices grouped by class, classes ascending
+    starts = counts.cumsum(0) - counts
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 500_000_003 + step)
+    c = torch.randint(len(classes), (global_batch,), generator=g)
+    within = (torch.rand(global_batch, generator=g, dtype=torch.float64) * counts[c]).long()
+    out = by_class[starts[c] + within.minimum(counts[c] - 1)]
     per_rank = global_batch // world
     return out[rank * per_rank : (rank + 1) * per_rank]
 

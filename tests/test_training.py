@@ -23,6 +23,7 @@ from mrdit.losses import diffusion_loss
 from mrdit.training import (
     EMA,
     TrainConfig,
+    balanced_batch_indices,
     batch_indices,
     compile_for_training,
     compile_regions,
@@ -72,6 +73,22 @@ def test_batch_order_is_a_function_of_step():
     assert sorted(epoch.tolist()) == list(range(48))  # one epoch visits every index once
     two = torch.cat([batch_indices(3, 48, 8, 0, r, 2) for r in range(2)])
     assert torch.equal(two, batch_indices(3, 48, 8, 0))
+
+
+def test_class_balanced_batches_draw_every_class_equally():
+    labels = torch.tensor([0] * 90 + [2] * 9 + [5] * 1)[torch.randperm(100, generator=torch.Generator().manual_seed(0))]
+    a = balanced_batch_indices(7, labels, 64, seed=1)
+    assert torch.equal(a, balanced_batch_indices(7, labels, 64, seed=1))  # a function of (seed, step)
+    assert not torch.equal(a, balanced_batch_indices(8, labels, 64, seed=1))
+    two = torch.cat([balanced_batch_indices(3, labels, 64, 0, r, 2) for r in range(2)])
+    assert torch.equal(two, balanced_batch_indices(3, labels, 64, 0))  # ranks split one global batch
+    idx = torch.cat([balanced_batch_indices(s, labels, 64, seed=0) for s in range(150)])
+    assert idx.min() >= 0 and idx.max() < 100
+    counts = torch.bincount(labels[idx], minlength=6)
+    assert counts[[1, 3, 4]].sum() == 0  # absent classes are never asked for
+    share = counts[[0, 2, 5]].float() / len(idx)
+    assert torch.allclose(share, torch.full((3,), 1 / 3), atol=0.03), share  # uniform images would give 0.9/0.09/0.01
+    assert len(idx[labels[idx] == 0].unique()) > 80  # and images within a class are drawn uniformly
 
 
 def test_lr_warmup_then_constant():
@@ -278,7 +295,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, emoji_data):
 
 
 def test_time_limit_saves_exports_and_resumes(tmp_path, emoji_data):
-    cfg = _config(tmp_path, emoji_data, steps=100000, save_every=100000, sample_every=0, log_every=2)
+    cfg = _config(
+        tmp_path, emoji_data, steps=100000, save_every=100000, sample_every=0, log_every=2, class_balanced=True
+    )
     run = tmp_path / "limited"
     r = _run(cfg, run, "--max-minutes", "0.02", "--export-every", "4")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -300,6 +319,7 @@ def test_time_limit_saves_exports_and_resumes(tmp_path, emoji_data):
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads((tmp_path / "w" / "m" / "run_info.json").read_text())
     assert info["step"] == json.loads((run / "PAUSED").read_text())["step"] and "CPU" in info["hardware"]
+    assert "class-balanced batches" in (tmp_path / "w" / "m" / "README.md").read_text()
 
 
 def test_time_limit_reached_on_the_last_step_finishes_the_run(tmp_path, emoji_data):
@@ -598,6 +618,8 @@ def test_card_recipe_names_a_later_phase():
     }
     line = recipe_line(cfg)
     assert line.startswith("- Recipe: AdamW") and line.endswith("float32\n") and "then constant" in line
+    assert "class-balanced" not in line  # configs that predate the field read as unbalanced
+    assert "; class-balanced batches;" in recipe_line(cfg | {"class_balanced": True})
     later = recipe_line(cfg, "batch 512 for 1,300 steps")
     assert later == line[:-1] + "; then batch 512 for 1,300 steps\n"
     assert recipe_line({}, "ignored") == ""

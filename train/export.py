@@ -57,6 +57,7 @@ RECIPE_KEYS = (
     "ema_decay",
     "label_dropout",
     "flips",
+    "class_balanced",
     "mixed_precision",
 )
 
@@ -75,6 +76,8 @@ def recipe_line(cfg: dict, then: str = "") -> str:
     decay = cfg.get("decay_steps", 0)
     lr += f", constant, then a linear cool-down over the last {decay:,} steps" if decay else ", then constant"
     flips = "random horizontal flips" if cfg.get("flips", True) else "no flips"
+    if cfg.get("class_balanced", False):
+        flips += "; class-balanced batches"
     precision = "float32" if cfg["mixed_precision"] == "no" else f"{cfg['mixed_precision']} autocast"
     return (
         f"- Recipe: AdamW (betas {tuple(cfg['betas'])}, weight decay {cfg['weight_decay']:g}), learning rate {lr}; "

@@ -36,6 +36,7 @@ from mrdit.schedule import NoiseSchedule
 from mrdit.training import (
     EMA,
     TrainConfig,
+    balanced_batch_indices,
     batch_indices,
     compile_for_training,
     initial_weights,
@@ -238,9 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     while step < cfg.steps:
         t0 = time.perf_counter()
         g = step_generator(cfg.seed, step, accelerator.process_index)
-        idx = batch_indices(
-            step, len(dataset), cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes
-        )
+        where = (cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
+        if cfg.class_balanced:
+            idx = balanced_batch_indices(step, dataset.labels, *where)
+        else:
+            idx = batch_indices(step, len(dataset), *where)
         flips = torch.rand(per_rank, generator=g) < 0.5 if cfg.flips else None
         x0, y = dataset.batch(idx, flips, generator=g)
         xn, n, y, eps = noisy_batch(x0, y, schedule, mc.null_label, cfg.label_dropout, g)
