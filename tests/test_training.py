@@ -446,6 +446,7 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
     assert 0 <= ev["accuracy"] <= 1 and ev["fd"] >= 0 and ev["fd_floor"] >= 0 and ev["sec_per_image"] > 0
     card = (out / "README.md").read_text()
     assert "class accuracy of samples" in card and "real validation emoji" in card
+    assert f"{ev['accuracy'] * 100:.1f}% (95% interval " in card and f", {2 * 12} samples)" in card
     assert ev["guidance_schedule"] == "power-cosine" and "guidance power-cosine to 4.0 (p 2.0)" in card
     bad = subprocess.run(
         [sys.executable, str(ROOT / "train" / "evaluate.py"), str(out), "--guidance-power", "-1"],
@@ -600,6 +601,20 @@ def test_judge_on_real_images_is_class_balanced():
     balanced, per_class = judge_real(always_a, data)
     assert per_class == {"a": 1.0, "b": 0.0, "c": None}  # c has no images
     assert balanced == 0.5  # the mean over present classes, not the 3/4 of all images
+
+
+def test_wilson_interval_of_sample_accuracy():
+    sys.path.insert(0, str(ROOT / "train"))
+    from export import accuracy_text, wilson_interval
+
+    z2 = 1.96**2
+    assert wilson_interval(0.0, 20) == (0.0, pytest.approx(z2 / (20 + z2)))  # closed forms at the ends
+    assert wilson_interval(1.0, 20) == (pytest.approx(20 / (20 + z2)), 1.0)
+    lo, hi = wilson_interval(0.842, 240)
+    assert lo == pytest.approx(0.7905, abs=1e-4) and hi == pytest.approx(0.8827, abs=1e-4)
+    assert wilson_interval(0.842, 2400)[1] - wilson_interval(0.842, 2400)[0] < hi - lo  # more samples, narrower
+    ev = {"accuracy": 0.842, "samples_per_class": 20, "per_class_accuracy": {str(c): 0.8 for c in range(12)}}
+    assert accuracy_text(ev) == "84.2% (95% interval 79.1-88.3%, 240 samples)"
 
 
 def test_card_recipe_names_a_later_phase():

@@ -35,7 +35,7 @@ from mrdit.guidance import GUIDANCE_SCHEDULES
 from mrdit.pipeline import DEFAULT_GUIDANCE, Pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export import percent, write_card  # noqa: E402
+from export import accuracy_text, percent, write_card  # noqa: E402
 
 
 class EmojiClassifier(nn.Module):
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.figure}")
     print(f"\n| model | accuracy | FD (floor {floor:.2f}) | s / image |\n|---|---|---|---|")
     for name, r in rows:
-        print(f"| {name} | {r['accuracy'] * 100:.1f}% | {r['fd']:.2f} | {r['sec_per_image']:.3f} |")
+        print(f"| {name} | {accuracy_text(r)} | {r['fd']:.2f} | {r['sec_per_image']:.3f} |")
     print("\n" + per_class_table(rows, train_per_class, val_per_class))
     return 0
 
