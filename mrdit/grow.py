@@ -7,6 +7,11 @@ f x f block, divided by f^2, reads an image exactly as the original kernel reads
 average-pooled by f. The copied branches therefore start as the trained model (on pooled inputs), and
 only the added finer branches start from scratch. Pair it with `ScheduleConfig(snr_scale=1 / f**2)`
 so that the pooled noisy image has the signal-to-noise ratio the copied branches were trained on.
+
+A copied branch may also have a wider MLP (`mlp_width`, the hidden width of every block's gated MLP):
+the source's hidden units are copied and the new ones get fresh input weights and zero output weights,
+so the model computes exactly what the source did and the added units start learning from there. With
+the same image size (f = 1) this is how a trained model is given more capacity without starting over.
 """
 
 from __future__ import annotations
@@ -40,8 +45,12 @@ def growth_factor(source: ModelConfig, target: ModelConfig) -> int:
     if len(target.branches) < len(source.branches):
         fail(f"the target has {len(target.branches)} branches, fewer than the source's {len(source.branches)}")
     for k, (s, t) in enumerate(zip(source.branches, target.branches, strict=False)):
-        if t.patch != s.patch * f or dataclasses.replace(t, patch=s.patch) != s:
-            fail(f"branch {k} must equal the source's with patch {s.patch * f} (source: {s}; target: {t})")
+        same = dataclasses.replace(t, patch=s.patch, mlp_width=s.mlp_width) == s
+        if t.patch != s.patch * f or t.mlp_width < s.mlp_width or not same:
+            fail(
+                f"branch {k} must equal the source's with patch {s.patch * f} and an MLP at least as wide "
+                f"(source: {s}; target: {t})"
+            )
     return f
 
 
@@ -53,7 +62,8 @@ def widen_patchify(weight: torch.Tensor, f: int) -> torch.Tensor:
 @torch.no_grad()
 def grow(source: nn.Module, target: nn.Module) -> list[str]:
     """Copy `source`'s weights into `target` in place (see the module docstring); returns the names of
-    the target's parameters left as they were (those of the added branches)."""
+    the target's parameters left as they were (those of the added branches; a widened MLP's weights are
+    partly copied and not listed)."""
     f = growth_factor(source.config, target.config)
     src = source.state_dict()
     state = target.state_dict()
@@ -61,12 +71,36 @@ def grow(source: nn.Module, target: nn.Module) -> list[str]:
         if name not in state:  # cannot happen when growth_factor passed; guards against future layouts
             raise ConfigError(f"cannot grow: the target has no weight {name!r}")
         new = widen_patchify(value, f) if name.endswith(".patchify.weight") else value
-        if new.shape != state[name].shape:
+        into = state[name]
+        if name.endswith(MLP_IN) and new.shape[1:] == into.shape[1:] and new.shape[0] <= into.shape[0]:
+            into = into[: new.shape[0]]  # a wider MLP: the source's hidden units first, the rest keep their init
+        elif name.endswith(MLP_OUT) and new.shape[0] == into.shape[0] and new.shape[1] <= into.shape[1]:
+            into[:, new.shape[1] :].zero_()  # the added hidden units start with no effect on the output
+            into = into[:, : new.shape[1]]
+        if new.shape != into.shape:
             raise ConfigError(
                 f"cannot grow: {name} is {tuple(new.shape)}, the target expects {tuple(state[name].shape)}"
             )
-        state[name].copy_(new)
+        into.copy_(new)
     return [name for name in state if name not in src]
+
+
+MLP_IN = (".mlp.w0.weight", ".mlp.w0.bias", ".mlp.w1.weight", ".mlp.w1.bias")  # (hidden, D) and (hidden,)
+MLP_OUT = ".mlp.w2.weight"  # (D, hidden)
+
+
+def widened_text(source: ModelConfig, target: ModelConfig) -> str:
+    """ "wider MLP in branch 0 (256 -> 512)" / "wider MLPs in branches 0 (256 -> 512), 1 (96 -> 192)", or
+    "" when no copied branch's MLP is wider: how a grown model's card and log say it."""
+    parts = [
+        f"{k} ({s.mlp_width} -> {t.mlp_width})"
+        for k, (s, t) in enumerate(zip(source.branches, target.branches, strict=False))
+        if t.mlp_width != s.mlp_width
+    ]
+    if not parts:
+        return ""
+    many = len(parts) > 1
+    return f"wider MLP{'s' if many else ''} in branch{'es' if many else ''} " + ", ".join(parts)
 
 
 def added_text(added: list[int]) -> str:

@@ -15,7 +15,7 @@ from conftest import ROOT
 
 from mrdit import build_model, get_preset, load_model, save_model
 from mrdit.config import ConfigError, ModelConfig
-from mrdit.grow import grow, growth_factor
+from mrdit.grow import grow, growth_factor, widened_text
 
 GROW = [sys.executable, str(ROOT / "train" / "grow.py")]
 TRAIN = [sys.executable, str(ROOT / "train" / "train.py")]
@@ -47,6 +47,37 @@ def test_grown_branches_read_the_larger_image_as_the_source_read_it_pooled():
     assert len(large) == 4 and large[3].shape == (3, 3, 32, 32)
     for k in range(3):  # the copied branches, exactly, on any image
         assert torch.allclose(large[k], small[k], atol=1e-5), k
+
+
+def wider_tiny(source: ModelConfig, widths: tuple[int, ...]) -> ModelConfig:
+    """`source` with each branch's MLP hidden width set from `widths`."""
+    return source.replace(
+        branches=tuple(dataclasses.replace(b, mlp_width=w) for b, w in zip(source.branches, widths, strict=True))
+    )
+
+
+def test_a_wider_mlp_starts_as_the_source_and_can_learn():
+    torch.manual_seed(0)
+    source = build_model(get_preset("tiny")).eval()
+    widths = tuple(2 * b.mlp_width for b in source.config.branches)
+    target = build_model(wider_tiny(source.config, widths)).eval()
+    assert grow(source, target) == []  # nothing left wholly at its initialisation
+    assert widened_text(source.config, target.config).startswith("wider MLPs in branches 0 (")
+    x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([10.0, 500.0, 990.0]), torch.tensor([0, 2, 4])
+    with torch.no_grad():
+        for a, b in zip(source(x, t, y), target(x, t, y), strict=True):
+            assert torch.allclose(a, b, atol=1e-6)  # the same function
+    mlp, h = target.branches[0].blocks[0].mlp, source.config.branches[0].mlp_width
+    assert torch.equal(mlp.w0.weight[:h], source.branches[0].blocks[0].mlp.w0.weight)
+    assert mlp.w0.weight[h:].abs().sum() > 0 and mlp.w2.weight[:, h:].abs().sum() == 0  # fresh in, zero out
+    target.train()
+    sum(o.square().mean() for o in target(x, t, y)).backward()
+    assert mlp.w2.weight.grad[:, h:].abs().sum() > 0  # the added units get a gradient from the first step
+
+    narrower = wider_tiny(source.config, tuple(b.mlp_width // 2 for b in source.config.branches))
+    with pytest.raises(ConfigError, match="an MLP at least as wide"):
+        growth_factor(source.config, narrower)
+    assert widened_text(source.config, source.config) == ""
 
 
 @pytest.mark.parametrize(
@@ -114,6 +145,29 @@ def test_grow_cli_then_train_from_it_and_export(tmp_path, emoji_data):
     assert grown.config.class_names == load_model(src_dir).config.class_names
     info = json.loads((tmp_path / "grown" / "run_info.json").read_text())
     assert info["grown_from"] == str(src_dir) and info["source"]["step"] == 2 and info["added_branches"] == [3]
+
+    # the same image size with wider MLPs: nothing fresh, and the log, run_info and card say what changed
+    wide = json.loads((ROOT / "train" / "configs" / "tiny.json").read_text()) | {
+        "model_overrides": {
+            "branches": [dataclasses.asdict(b) for b in wider_tiny(get_preset("tiny"), (128, 48, 16)).branches]
+        }
+    }
+    (tmp_path / "wide.json").write_text(json.dumps(wide))
+    r = subprocess.run(
+        [*GROW, str(src_dir), "--config", str(tmp_path / "wide.json"), "--out", str(tmp_path / "wide")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "wider MLPs in branches 0 (" in r.stdout and "no new branch (0 of" in r.stdout
+    wide_info = json.loads((tmp_path / "wide" / "run_info.json").read_text())
+    sys.path.insert(0, str(ROOT / "train"))
+    from export import grown_lines
+
+    line = grown_lines(wide_info).splitlines()[0]
+    assert line.endswith(f"its 3 branches copied ({wide_info['widened']}), no new branch")
+    assert "patchify kernels widened 2x" in grown_lines(info)
 
     r = subprocess.run([*GROW, *grow_args], env=ENV, capture_output=True, text=True)  # no silent overwrite
     assert r.returncode == 2 and "--force" in r.stderr

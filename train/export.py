@@ -137,9 +137,13 @@ def indented(lines: str) -> str:
 def grown_lines(run_info: dict) -> str:
     """The card's lines for a model made by train/grow.py, then the training of the model it grew from."""
     copied, added = run_info.get("copied_branches", "?"), run_info.get("added_branches", [])
+    factor = run_info.get("patch_factor", "?")
+    how = [f"patchify kernels widened {factor}x"] if factor != 1 else []
+    how += [run_info["widened"]] if run_info.get("widened") else []
+    detail = " (" + "; ".join(how) + ")" if how else ""
     lines = (
         f"- Grown from `{run_info['grown_from']}` with `{run_info.get('command', '?')}`: its {copied} branches "
-        f"copied (patchify kernels widened {run_info.get('patch_factor', '?')}x), {added_text(added)}\n"
+        f"copied{detail}, {added_text(added)}\n"
     )
     source = run_info.get("source")
     if source is None:

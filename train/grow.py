@@ -9,7 +9,12 @@ named preset instead of the model of a training config (its preset and `model_ov
 The source's branches are copied into the target preset's first branches, with each patchify kernel
 widened to the target's larger patch (so a copied branch reads the larger image exactly as the source
 read it average-pooled); the target's added finer branches start from their usual random
-initialisation. The output is a model directory (config.json, model.safetensors) with a
+initialisation. A copied branch may have a wider MLP (`mlp_width`): the source's hidden units are
+copied and the added ones start with zero output weights, so the grown model computes what the source
+did. With the same image size and no added branch, that gives a trained model more capacity:
+
+    python train/grow.py weights/mrdit-emoji-32 --config train/configs/emoji-32-wide.json --out runs/wide-grown
+ The output is a model directory (config.json, model.safetensors) with a
 run_info.json that records the growth and the source's own training, which the exported model's
 card repeats.
 """
@@ -26,7 +31,7 @@ import torch
 
 from mrdit import CheckpointError, ConfigError, build_model, get_preset, load_model, save_model
 from mrdit.checkpoint import atomic_write
-from mrdit.grow import added_text, grow
+from mrdit.grow import added_text, grow, widened_text
 from mrdit.presets import PRESETS
 from mrdit.training import TrainConfig, preset_with_overrides
 
@@ -70,15 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         "copied_branches": copied,
         "added_branches": added,
         "patch_factor": target.config.image_size // source.config.image_size,
+        "widened": widened_text(source.config, target.config),
     }
     if source_info.is_file():
         run_info["source"] = json.loads(source_info.read_text())
     atomic_write(args.out / "run_info.json", lambda f: f.write(json.dumps(run_info, indent=2).encode()))
     n_fresh = sum(target.state_dict()[name].numel() for name in fresh)
     total = sum(p.numel() for p in target.parameters())
+    wider = f", {run_info['widened']}" if run_info["widened"] else ""
     print(
-        f"wrote {args.out}: branches 0-{copied - 1} from {args.source}, {added_text(added)} "
-        f"({n_fresh:,} of {total:,} parameters)"
+        f"wrote {args.out}: branches 0-{copied - 1} from {args.source}{wider}, {added_text(added)} "
+        f"({n_fresh:,} of {total:,} parameters fresh)"
     )
     return 0
 
