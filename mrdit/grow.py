@@ -59,6 +59,10 @@ def widen_patchify(weight: torch.Tensor, f: int) -> torch.Tensor:
     return weight.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3) / (f * f)
 
 
+MLP_IN = (".mlp.w0.weight", ".mlp.w0.bias", ".mlp.w1.weight", ".mlp.w1.bias")  # (hidden, D) and (hidden,)
+MLP_OUT = ".mlp.w2.weight"  # (D, hidden)
+
+
 @torch.no_grad()
 def grow(source: nn.Module, target: nn.Module) -> list[str]:
     """Copy `source`'s weights into `target` in place (see the module docstring); returns the names of
@@ -83,10 +87,6 @@ def grow(source: nn.Module, target: nn.Module) -> list[str]:
             )
         into.copy_(new)
     return [name for name in state if name not in src]
-
-
-MLP_IN = (".mlp.w0.weight", ".mlp.w0.bias", ".mlp.w1.weight", ".mlp.w1.bias")  # (hidden, D) and (hidden,)
-MLP_OUT = ".mlp.w2.weight"  # (D, hidden)
 
 
 def widened_text(source: ModelConfig, target: ModelConfig) -> str:

@@ -256,7 +256,7 @@ def balanced_batch_indices(
     classes, counts = labels.unique(return_counts=True)
     by_class = labels.argsort(stable=True)  # indices grouped by class, classes ascending
     starts = counts.cumsum(0) - counts
-    g = torch.Generator().manual_seed(seed * 1_000_003 + 500_000_003 + step)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 500_000_003 + step)  # apart from batch_indices' seeds
     c = torch.randint(len(classes), (global_batch,), generator=g)
     within = (torch.rand(global_batch, generator=g, dtype=torch.float64) * counts[c]).long()
     out = by_class[starts[c] + within.minimum(counts[c] - 1)]

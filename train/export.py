@@ -91,13 +91,13 @@ def recipe_line(cfg: dict, then: str = "") -> str:
     lr = f"{cfg['lr']:g} after {cfg['warmup_steps']:,} warm-up steps"
     decay = cfg.get("decay_steps", 0)
     lr += f", constant, then a linear cool-down over the last {decay:,} steps" if decay else ", then constant"
-    flips = "random horizontal flips" if cfg.get("flips", True) else "no flips"
+    data = "random horizontal flips" if cfg.get("flips", True) else "no flips"
     if cfg.get("class_balanced", False):
-        flips += "; class-balanced batches"
+        data += "; class-balanced batches"
     precision = "float32" if cfg["mixed_precision"] == "no" else f"{cfg['mixed_precision']} autocast"
     return (
         f"- Recipe: AdamW (betas {tuple(cfg['betas'])}, weight decay {cfg['weight_decay']:g}), learning rate {lr}; "
-        f"EMA {cfg['ema_decay']:g}; label dropout {cfg['label_dropout']:g}; {flips}; {precision}"
+        f"EMA {cfg['ema_decay']:g}; label dropout {cfg['label_dropout']:g}; {data}; {precision}"
         + (f"; then {then}" if then else "")
         + "\n"
     )
