@@ -65,6 +65,7 @@ class TrainConfig:
     init_from: str = ""  # a model directory or Hub repo id whose weights start a new run (fine-tuning); "" = random
 
     def __post_init__(self) -> None:
+        self._check_types()
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         checks = [
             ("data", self.data in ("emoji", "image-folder", "latents"), "must be emoji, image-folder or latents"),
@@ -92,6 +93,28 @@ class TrainConfig:
         for name, ok, msg in checks:
             if not ok:
                 raise ConfigError(f"{name}: {msg}, got {getattr(self, name)!r}")
+
+    def _check_types(self) -> None:
+        """Each field has its declared type, so a typo in a config file or `--set` (`steps=2e3x` arrives as
+        a string) is a clear error rather than a failed comparison deep in the checks."""
+        wanted = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string")}
+        wanted["bool"] = ((bool,), "true or false")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in wanted:
+                types, what = wanted[f.type]
+                ok = isinstance(value, types) and (f.type == "bool" or not isinstance(value, bool))
+            elif f.name == "betas":
+                what = "two numbers"
+                ok = isinstance(value, (list, tuple)) and all(
+                    isinstance(b, (int, float)) and not isinstance(b, bool) for b in value
+                )
+            elif f.name == "model_overrides":
+                ok, what = isinstance(value, dict), "an object of model config fields"
+            else:
+                continue
+            if not ok:
+                raise ConfigError(f"{f.name}: must be {what}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -638,6 +639,20 @@ def test_card_recipe_names_a_later_phase():
     later = recipe_line(cfg, "batch 512 for 1,300 steps")
     assert later == line[:-1] + "; then batch 512 for 1,300 steps\n"
     assert recipe_line({}, "ignored") == ""
+
+
+def test_config_fields_of_the_wrong_type_are_clear_errors():
+    for bad, msg in [
+        (["steps="], "steps: must be an integer, got ''"),  # --set parses what is not JSON as a string
+        (["steps=2e3"], "steps: must be an integer, got 2000.0"),
+        (["lr=fast"], "lr: must be a number"),
+        (["flips=1"], "flips: must be true or false"),
+        (["betas=0.9"], "betas: must be two numbers"),
+        (['model_overrides=["x"]'], "model_overrides: must be an object"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(msg)):
+            TrainConfig().with_overrides(bad)
+    assert TrainConfig().with_overrides(["lr=1", "steps=20"]).lr == 1  # an integer is a number
 
 
 def test_compile_options_are_checked():
