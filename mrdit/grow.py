@@ -1,4 +1,4 @@
-"""Grow a trained DiMR into a larger-image DiMR: keep its branches, add finer ones.
+"""Grow a trained DiMR into a larger-image DiMR (keep its branches, add finer ones), or widen its MLPs.
 
 A DiMR branch reads the whole input through a patchify convolution with stride = patch. A model for
 images f times larger whose first branches have the same grids and widths, but patches f times larger,

@@ -1,4 +1,4 @@
-"""Grow a trained DiMR into a model for larger images, as the starting point of a training run.
+"""Grow a trained DiMR into a model for larger images or with wider MLPs, as the start of a training run.
 
     python train/grow.py weights/mrdit-emoji-32 --config train/configs/emoji-64.json --out runs/emoji-64-grown
     python train/train.py --config train/configs/emoji-64.json --run-dir runs/emoji-64
@@ -13,8 +13,9 @@ initialisation. A copied branch may have a wider MLP (`mlp_width`): the source's
 copied and the added ones start with zero output weights, so the grown model computes what the source
 did. With the same image size and no added branch, that gives a trained model more capacity:
 
-    python train/grow.py weights/mrdit-emoji-32 --config train/configs/emoji-32-wide.json --out runs/wide-grown
- The output is a model directory (config.json, model.safetensors) with a
+    python train/grow.py weights/mrdit-emoji-32 --config train/configs/emoji-32-wide.json --out runs/emoji-32-wide-grown
+
+The output is a model directory (config.json, model.safetensors) with a
 run_info.json that records the growth and the source's own training, which the exported model's
 card repeats.
 """
