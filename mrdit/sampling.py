@@ -227,15 +227,20 @@ def _noise_like(x: torch.Tensor, generators: Sequence[torch.Generator] | None) -
 
 
 def validate_sampling_args(
-    sampler: str, steps: int, guidance: float, guidance_schedule: str, guidance_power: float
+    sampler: str,
+    steps: int,
+    guidance: float,
+    guidance_schedule: str,
+    guidance_power: float,
+    eta: float | None = None,
 ) -> None:
     """Clear errors for out-of-range settings (shared by the API, CLI and app)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
-    if sampler == "dpm++2m" and steps < 1:
-        raise ValueError("dpm++2m needs at least 1 step")
+    if eta is not None and (sampler not in ("ddim", "ddpm") or not math.isfinite(eta) or eta < 0):
+        raise ValueError(f"eta applies to ddim and ddpm only, as a finite number >= 0; got eta={eta!r} with {sampler}")
     for name, v in (("guidance", guidance), ("guidance_power", guidance_power)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -263,9 +268,7 @@ def iterate(
     `generators` (one per image) drive the fresh noise of stochastic samplers. `eta` is DDIM's
     stochasticity (default 0 for `ddim`, 1 for `ddpm`); the other samplers refuse it.
     """
-    validate_sampling_args(sampler, steps, guidance, guidance_schedule, guidance_power)
-    if eta is not None and (sampler not in ("ddim", "ddpm") or not math.isfinite(eta) or eta < 0):
-        raise ValueError(f"eta applies to ddim and ddpm only, as a finite number >= 0; got eta={eta!r} with {sampler}")
+    validate_sampling_args(sampler, steps, guidance, guidance_schedule, guidance_power, eta)
     config = model.config
     if labels.shape != (noise.shape[0],):
         raise ValueError(f"labels must have shape ({noise.shape[0]},), got {tuple(labels.shape)}")

@@ -97,8 +97,12 @@ class TrainConfig:
     def _check_types(self) -> None:
         """Each field has its declared type, so a typo in a config file or `--set` (`steps=2e3x` arrives as
         a string) is a clear error rather than a failed comparison deep in the checks."""
-        wanted = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string")}
-        wanted["bool"] = ((bool,), "true or false")
+        wanted = {
+            "int": ((int,), "an integer"),
+            "float": ((int, float), "a number"),
+            "str": ((str,), "a string"),
+            "bool": ((bool,), "true or false"),
+        }
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.type in wanted:
@@ -268,23 +272,33 @@ def batch_indices(step: int, n: int, global_batch: int, seed: int, rank: int = 0
     return out[rank * per_rank : (rank + 1) * per_rank]
 
 
+class ClassBalancedOrder:
+    """Batches with every class equally likely: a class drawn uniformly among those present in `labels`
+    (N,), then one of its images uniformly, with replacement. For data whose classes are unequally
+    common (rare classes would otherwise get few updates) when every class will be asked for equally
+    often. The grouping by class is done once here, not per step."""
+
+    def __init__(self, labels: torch.Tensor) -> None:
+        _, self.counts = labels.unique(return_counts=True)
+        self.by_class = labels.argsort(stable=True)  # indices grouped by class, classes ascending
+        self.starts = self.counts.cumsum(0) - self.counts
+
+    def indices(self, step: int, global_batch: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+        """This rank's dataset indices for `step`. Seeded by (seed, step) alone, so resume is exact at
+        any world size, like `batch_indices`."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 500_000_003 + step)  # apart from batch_indices' seeds
+        c = torch.randint(len(self.counts), (global_batch,), generator=g)
+        within = (torch.rand(global_batch, generator=g, dtype=torch.float64) * self.counts[c]).long()
+        out = self.by_class[self.starts[c] + within.minimum(self.counts[c] - 1)]
+        per_rank = global_batch // world
+        return out[rank * per_rank : (rank + 1) * per_rank]
+
+
 def balanced_batch_indices(
     step: int, labels: torch.Tensor, global_batch: int, seed: int, rank: int = 0, world: int = 1
 ) -> torch.Tensor:
-    """This rank's dataset indices for `step` with every class equally likely: a class drawn uniformly
-    among those present in `labels` (N,), then one of its images uniformly, with replacement. Seeded by
-    (seed, step) alone, so resume is exact at any world size, like `batch_indices`. For data whose
-    classes are unequally common (rare classes would otherwise get few updates) when every class will be
-    asked for equally often."""
-    classes, counts = labels.unique(return_counts=True)
-    by_class = labels.argsort(stable=True)  # indices grouped by class, classes ascending
-    starts = counts.cumsum(0) - counts
-    g = torch.Generator().manual_seed(seed * 1_000_003 + 500_000_003 + step)  # apart from batch_indices' seeds
-    c = torch.randint(len(classes), (global_batch,), generator=g)
-    within = (torch.rand(global_batch, generator=g, dtype=torch.float64) * counts[c]).long()
-    out = by_class[starts[c] + within.minimum(counts[c] - 1)]
-    per_rank = global_batch // world
-    return out[rank * per_rank : (rank + 1) * per_rank]
+    """`ClassBalancedOrder(labels).indices(...)` for one step (a loop keeps one `ClassBalancedOrder`)."""
+    return ClassBalancedOrder(labels).indices(step, global_batch, seed, rank, world)
 
 
 def noisy_batch(

@@ -35,8 +35,8 @@ from mrdit.sampling import sample
 from mrdit.schedule import NoiseSchedule
 from mrdit.training import (
     EMA,
+    ClassBalancedOrder,
     TrainConfig,
-    balanced_batch_indices,
     batch_indices,
     compile_for_training,
     initial_weights,
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics_file = open(run / "metrics.jsonl", "a") if main_proc else None
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not main_proc, dynamic_ncols=True)
     per_rank = cfg.batch_size // accelerator.num_processes
+    balanced = ClassBalancedOrder(dataset.labels) if cfg.class_balanced else None
     window_t, window_imgs, losses = time.perf_counter(), 0, []
     started = time.perf_counter()
     out_of_time = False
@@ -240,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         g = step_generator(cfg.seed, step, accelerator.process_index)
         where = (cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
-        if cfg.class_balanced:
-            idx = balanced_batch_indices(step, dataset.labels, *where)
+        if balanced is not None:
+            idx = balanced.indices(step, *where)
         else:
             idx = batch_indices(step, len(dataset), *where)
         flips = torch.rand(per_rank, generator=g) < 0.5 if cfg.flips else None
