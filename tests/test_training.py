@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -464,6 +465,10 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
     assert ev["classifier_train_accuracy"] == pytest.approx(sum(present) / len(present))
     assert "| class | samples | real training emoji | real validation emoji |" in card
     assert "reproduced them exactly would score" in card and "reproduced them exactly would score" in r.stdout
+    assert (
+        ev["classifier_recipe"]["epochs"] == "2"
+        and f"recipe {ev['classifier_recipe']['judge_recipe']!r}, 2 epochs" in card
+    )
     assert (tmp_path / "fig.png").is_file() and "| tiny-emoji |" in r.stdout
 
 
@@ -714,3 +719,37 @@ def test_train_with_compiled_blocks_and_a_memory_budget(tmp_path, emoji_data):
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["compile"] == "blocks" and saved["activation_memory_budget"] == 0.5
     assert [s for s, _ in list_states(tmp_path / "run")] == [4]
+
+
+def test_judge_cache_is_reused_only_for_its_recipe(tmp_path, emoji_data, capsys):
+    sys.path.insert(0, str(ROOT / "train"))
+    from evaluate import classifier, judge_recipe
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    data = tmp_path / "emoji"
+    shutil.copytree(emoji_data, data)
+    path = data / "classifier-16.safetensors"
+    path.unlink(missing_ok=True)
+
+    def recipe() -> dict[str, str]:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata()
+
+    first, _, _ = classifier(data, 16, 1)
+    assert recipe() == judge_recipe(1)
+    stamp = path.stat().st_mtime_ns
+    again, _, _ = classifier(data, 16, 1)  # same recipe: loaded, not retrained
+    assert path.stat().st_mtime_ns == stamp
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True))
+    capsys.readouterr()
+
+    classifier(data, 16, 2)  # another epoch count: trained again
+    assert "training again" in capsys.readouterr().out and recipe() == judge_recipe(2)
+    save_file(first.state_dict(), str(path))  # a cache from before recipes were recorded
+    classifier(data, 16, 2)
+    assert "an older recipe" in capsys.readouterr().out and recipe() == judge_recipe(2)
+    path.write_bytes(b"not a safetensors file")  # a corrupt cache is retrained, not a crash
+    classifier(data, 16, 2)
+    assert "unreadable" in capsys.readouterr().out and recipe() == judge_recipe(2)
+    assert not list(data.glob("*.tmp"))

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import shlex
 import sys
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -36,6 +39,10 @@ from mrdit.pipeline import DEFAULT_GUIDANCE, Pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export import accuracy_text, percent, write_card  # noqa: E402
+
+JUDGE_LR = 2e-3
+# Bumped whenever the classifier's training changes, so that no cache made by another recipe is reused.
+JUDGE_RECIPE = "2: cosine"
 
 
 class EmojiClassifier(nn.Module):
@@ -67,15 +74,21 @@ class EmojiClassifier(nn.Module):
 
 
 def train_classifier(train: TensorImageDataset, epochs: int, seed: int = 0) -> EmojiClassifier:
+    """AdamW at 2e-3 with a one-epoch warm-up and a cosine decay to zero, so that the judge ends
+    converged rather than wherever a constant rate leaves it (which also made it depend on the run)."""
     torch.manual_seed(seed)
     clf = EmojiClassifier(len(train.class_names))
-    opt = torch.optim.AdamW(clf.parameters(), lr=2e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(clf.parameters(), lr=JUDGE_LR, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     n = len(train)
+    per_epoch = math.ceil(n / 64)
+    total, step = epochs * per_epoch, 0
     for _ in tqdm(range(epochs), desc="classifier", unit="epoch"):
         clf.train()
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, 64):
+            for group in opt.param_groups:
+                group["lr"] = JUDGE_LR * min(1.0, (step + 1) / per_epoch) * 0.5 * (1 + math.cos(math.pi * step / total))
             idx = perm[i : i + 64]
             x, y = train.batch(idx, torch.rand(len(idx), generator=g) < 0.5)
             # light augmentation so that generated (slightly noisy, shifted) images are judged fairly
@@ -86,6 +99,7 @@ def train_classifier(train: TensorImageDataset, epochs: int, seed: int = 0) -> E
             opt.zero_grad()
             loss.backward()
             opt.step()
+            step += 1
     return clf.eval()
 
 
@@ -97,18 +111,38 @@ def per_class_accuracy(pred: torch.Tensor, y: torch.Tensor, class_names: list[st
     }
 
 
+def judge_recipe(epochs: int) -> dict[str, str]:
+    """What a cached classifier was trained with; a cache made with anything else is retrained."""
+    return {"judge_recipe": JUDGE_RECIPE, "epochs": str(epochs)}
+
+
 def classifier(data: Path, size: int, epochs: int) -> tuple[EmojiClassifier, float, dict[str, float | None]]:
-    """The cached classifier for a dataset (trained on first use), its accuracy on the validation split
-    and that accuracy per class: how well the judge itself recognises real emoji of each class."""
+    """The cached classifier for a dataset (trained on first use, or again when the cache was made by
+    another recipe or epoch count), its accuracy on the validation split and that accuracy per class:
+    how well the judge itself recognises real emoji of each class."""
     train, val = load_emoji(data, "train", size), load_emoji(data, "val", size)
     path = data / f"classifier-{size}.safetensors"
     clf = EmojiClassifier(len(train.class_names))
+    recipe = judge_recipe(epochs)
+    cached = None
     if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                cached = f.metadata() or {}
+        except Exception as e:  # a corrupt cache is only a cache: say so and train again
+            print(f"cached classifier {path} is unreadable ({e}); training it again")
+    if cached is not None and {k: cached.get(k) for k in recipe} == recipe:
         clf.load_state_dict(load_file(str(path)))
         clf.eval()
     else:
+        if cached is not None:
+            print(
+                f"cached classifier {path} was trained with {cached or 'an older recipe'}, not {recipe}; training again"
+            )
         clf = train_classifier(train, epochs)
-        save_file(clf.state_dict(), str(path))
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(clf.state_dict(), str(tmp), metadata=recipe)
+        os.replace(tmp, path)  # never a half-written cache
     pred, y = predictions(clf, val)
     return clf, float((pred == y).float().mean()), per_class_accuracy(pred, y, val.class_names)
 
@@ -231,7 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default="constant")
     p.add_argument("--guidance-power", type=float, default=1.0, help="p of the power-cosine schedule")
     p.add_argument("--sampler", default="dpm++2m")
-    p.add_argument("--classifier-epochs", type=int, default=30)
+    p.add_argument(
+        "--classifier-epochs",
+        type=int,
+        default=30,
+        help="epochs of the judge's training (default 30); a cached judge trained otherwise is retrained",
+    )
     p.add_argument(
         "--judge-size",
         type=int,
@@ -244,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.per_class < 1 or args.steps < 1 or args.guidance < 0 or args.guidance_power < 0:
         p.error("--per-class and --steps must be >= 1; --guidance and --guidance-power must be >= 0")
+    if args.classifier_epochs < 1:
+        p.error("--classifier-epochs must be >= 1")
     if args.judge_size is not None and args.judge_size < 1:
         p.error("--judge-size must be >= 1")
     print("config:", json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, default=str))
@@ -292,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             "classifier_val_per_class_accuracy": val_per_class,
             "classifier_train_accuracy": train_acc,
             "classifier_train_per_class_accuracy": train_per_class,
+            "classifier_recipe": judge_recipe(args.classifier_epochs),
             "command": command,
             "hardware": hardware,
         }

@@ -194,6 +194,11 @@ def card(name: str, mc: ModelConfig, n_params: int, run_info: dict, evaluation: 
             + f"| sampling time per image ({evaluation['sampler']}, {evaluation['steps']} steps, guidance {guidance_text(evaluation)}) | {evaluation['sec_per_image'] * 1000:.0f} ms |\n"
             f"\n{evaluation['samples_per_class']} samples per class, seeds 0..{evaluation['samples_per_class'] - 1}."
         )
+        recipe = evaluation.get("classifier_recipe")
+        if recipe:  # which judge: numbers from judges of other recipes do not compare
+            quality += (
+                f" The classifier: recipe {recipe['judge_recipe']!r}, {recipe['epochs']} epochs (`train/evaluate.py`)."
+            )
         judge = evaluation.get("judge_size", mc.image_size)
         if judge != mc.image_size:
             quality += (
