@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from mrdit.checkpoint import CheckpointError, resolve_model_dir
-from mrdit.pipeline import DEFAULT_GUIDANCE, MAX_IMAGES, InputError, Pipeline, Preview, Settings
+from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, MAX_IMAGES, InputError, Pipeline, Preview, Settings
 from mrdit.sampling import SAMPLERS
 from mrdit.visual import branch_headers, panel_sheet, save_gif
 
@@ -449,9 +449,9 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
                 )
                 sampler = gr.Dropdown(
                     list(SAMPLERS),
-                    value="dpm++2m",
+                    value=DEFAULT_SAMPLER,
                     label="Sampler",
-                    info="dpm++2m: fast default · dpm++2m-sde: stochastic, sharper · dpm-fast: the release's · ddim / ddpm: the classics",
+                    info="dpm++2m-sde: default, stochastic, sharper classes · dpm++2m: deterministic, most varied · dpm-fast: the release's · ddim / ddpm: the classics",
                 )
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary")

@@ -1,5 +1,5 @@
 """The app's latency on this machine: time to the first streamed preview, total time for the default
-request (4 images, 25 dpm++2m steps, guidance 4), and what streaming previews add over plain sampling.
+request (4 images, 25 steps of the default sampler at the default guidance), and what streaming previews add over plain sampling.
 
     python bench/app_latency.py [--model mrdit-emoji-32] [--repeat 5] [--out bench/results/app-latency.json]
 """
@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402
+from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,12 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.repeat + 1):  # the first round warms up
         t0 = time.perf_counter()
         t_first = None
-        for _ in app.generate("face", r, args.steps, 4.0, "dpm++2m", args.images, args.model):
+        for _ in app.generate("face", r, args.steps, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, args.images, args.model):
             t_first = t_first or time.perf_counter() - t0
         t_total = time.perf_counter() - t0
         t0 = time.perf_counter()
         pipe.generate(
-            ["face"] * args.images, list(range(r, r + args.images)), steps=args.steps, guidance=4.0, sampler="dpm++2m"
+            ["face"] * args.images,
+            list(range(r, r + args.images)),
+            steps=args.steps,
+            guidance=DEFAULT_GUIDANCE,
+            sampler=DEFAULT_SAMPLER,
         )
         t_plain = time.perf_counter() - t0
         if r:

@@ -27,6 +27,9 @@ from .visual import to_uint8
 MAX_IMAGES = 16
 MAX_SEED = 2**63 - 1
 DEFAULT_GUIDANCE = 4.0  # w for the demos: best Frechet distance of 4/5/6/8 (train/evaluate.py)
+# The demos' sampler: at 25 steps, 4 points more class accuracy than dpm++2m on the shipped emoji model
+# (93.2% vs 89.2% over 600 samples) for 1.2 more Frechet distance, at the same cost (README, Quality).
+DEFAULT_SAMPLER = "dpm++2m-sde"
 PREVIEW_MAX = 128  # decoded previews of latent models are stored at most this size
 
 
@@ -279,7 +282,7 @@ class Pipeline:
         seeds: Sequence[int] | int,
         steps: int = 25,
         guidance: float = DEFAULT_GUIDANCE,
-        sampler: str = "dpm++2m",
+        sampler: str = DEFAULT_SAMPLER,
         keep_trajectory: bool = False,
         guidance_schedule: str = "constant",
         guidance_power: float = 1.0,

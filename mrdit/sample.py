@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError
-from .pipeline import DEFAULT_GUIDANCE, InputError, Pipeline, settings_dict
+from .pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, InputError, Pipeline, settings_dict
 from .sampling import SAMPLERS
 from .visual import grid, save_gif, trajectory_frame, upscale_nearest
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--guidance-schedule", choices=["constant", "power-cosine"], default="constant")
     p.add_argument("--guidance-power", type=float, default=1.0)
-    p.add_argument("--sampler", choices=SAMPLERS, default="dpm++2m")
+    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help=f"(default {DEFAULT_SAMPLER})")
     p.add_argument("--out", type=Path, required=True, help="PNG grid of the final images")
     p.add_argument("--gif", type=Path, help="also write the trajectory (x_t and each branch's estimate) as a GIF")
     p.add_argument(

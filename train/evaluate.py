@@ -35,7 +35,8 @@ from tqdm import tqdm
 from mrdit.checkpoint import CheckpointError, read_config
 from mrdit.data import TensorImageDataset, load_emoji
 from mrdit.guidance import GUIDANCE_SCHEDULES
-from mrdit.pipeline import DEFAULT_GUIDANCE, Pipeline
+from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, Pipeline
+from mrdit.sampling import SAMPLERS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export import accuracy_text, percent, write_card  # noqa: E402
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="w (the maximum w with power-cosine)")
     p.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default="constant")
     p.add_argument("--guidance-power", type=float, default=1.0, help="p of the power-cosine schedule")
-    p.add_argument("--sampler", default="dpm++2m")
+    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help=f"(default {DEFAULT_SAMPLER})")
     p.add_argument(
         "--classifier-epochs",
         type=int,
