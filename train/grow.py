@@ -4,7 +4,10 @@
     python train/train.py --config train/configs/emoji-64.json --run-dir runs/emoji-64
 
 (that training config names `runs/emoji-64-grown` as its `init_from`). `--preset NAME` grows into a
-named preset instead of the model of a training config (its preset and `model_overrides`).
+named preset instead of the model of a training config (its preset and `model_overrides`). The shipped
+64 px model was grown this way from the 32 px weights of git commit 094c078; today's 32 px weights have
+a 512-wide transformer MLP, and a target narrower than its source is refused, so growing them needs a
+target with `mlp_width` >= 512 in branch 0 (`model_overrides`, as in emoji-32-wide.json).
 
 The source's branches are copied into the target preset's first branches, with each patchify kernel
 widened to the target's larger patch (so a copied branch reads the larger image exactly as the source
