@@ -727,17 +727,20 @@ def test_judge_cache_is_reused_only_for_its_recipe(tmp_path, emoji_data, capsys)
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from mrdit.data import load_emoji
+
     data = tmp_path / "emoji"
     shutil.copytree(emoji_data, data)
     path = data / "classifier-16.safetensors"
     path.unlink(missing_ok=True)
+    train = load_emoji(data, "train", 16)
 
     def recipe() -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata()
 
     first, _, _ = classifier(data, 16, 1)
-    assert recipe() == judge_recipe(1)
+    assert recipe() == judge_recipe(1, train)
     stamp = path.stat().st_mtime_ns
     again, _, _ = classifier(data, 16, 1)  # same recipe: loaded, not retrained
     assert path.stat().st_mtime_ns == stamp
@@ -745,11 +748,15 @@ def test_judge_cache_is_reused_only_for_its_recipe(tmp_path, emoji_data, capsys)
     capsys.readouterr()
 
     classifier(data, 16, 2)  # another epoch count: trained again
-    assert "training again" in capsys.readouterr().out and recipe() == judge_recipe(2)
+    assert "training again" in capsys.readouterr().out and recipe() == judge_recipe(2, train)
     save_file(first.state_dict(), str(path))  # a cache from before recipes were recorded
     classifier(data, 16, 2)
-    assert "an older recipe" in capsys.readouterr().out and recipe() == judge_recipe(2)
+    assert "an older recipe" in capsys.readouterr().out and recipe() == judge_recipe(2, train)
     path.write_bytes(b"not a safetensors file")  # a corrupt cache is retrained, not a crash
     classifier(data, 16, 2)
-    assert "unreadable" in capsys.readouterr().out and recipe() == judge_recipe(2)
+    assert "unreadable" in capsys.readouterr().out and recipe() == judge_recipe(2, train)
     assert not list(data.glob("*.tmp"))
+    meta = recipe() | {"train_images": "1"}  # made from other data: trained again
+    save_file(first.state_dict(), str(path), metadata=meta)
+    classifier(data, 16, 2)
+    assert "training again" in capsys.readouterr().out and recipe() == judge_recipe(2, train)

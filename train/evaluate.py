@@ -2,7 +2,8 @@
 
     python train/evaluate.py weights/mrdit-emoji-32 weights/baseline-emoji-32
 
-A small classifier is trained once on the training split (cached beside the data). For each model
+A small classifier is trained once on the training split (cached beside the data, and trained again
+when its recipe or the data change). For each model
 directory, N samples per class are generated at fixed seeds and settings; the script reports
 (a) the classifier's accuracy on the samples, (b) the Frechet distance between classifier features
 of the samples and of the validation split, next to the same distance between the training and
@@ -112,9 +113,15 @@ def per_class_accuracy(pred: torch.Tensor, y: torch.Tensor, class_names: list[st
     }
 
 
-def judge_recipe(epochs: int) -> dict[str, str]:
-    """What a cached classifier was trained with; a cache made with anything else is retrained."""
-    return {"judge_recipe": JUDGE_RECIPE, "epochs": str(epochs)}
+def judge_recipe(epochs: int, train: TensorImageDataset) -> dict[str, str]:
+    """What a cached classifier was trained with and on (recipe, epochs, the training split's size and
+    classes); a cache made any other way is retrained."""
+    return {
+        "judge_recipe": JUDGE_RECIPE,
+        "epochs": str(epochs),
+        "train_images": str(len(train)),
+        "classes": ",".join(train.class_names),
+    }
 
 
 def classifier(data: Path, size: int, epochs: int) -> tuple[EmojiClassifier, float, dict[str, float | None]]:
@@ -124,7 +131,7 @@ def classifier(data: Path, size: int, epochs: int) -> tuple[EmojiClassifier, flo
     train, val = load_emoji(data, "train", size), load_emoji(data, "val", size)
     path = data / f"classifier-{size}.safetensors"
     clf = EmojiClassifier(len(train.class_names))
-    recipe = judge_recipe(epochs)
+    recipe = judge_recipe(epochs, train)
     cached = None
     if path.is_file():
         try:
@@ -334,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             "classifier_val_per_class_accuracy": val_per_class,
             "classifier_train_accuracy": train_acc,
             "classifier_train_per_class_accuracy": train_per_class,
-            "classifier_recipe": judge_recipe(args.classifier_epochs),
+            "classifier_recipe": judge_recipe(args.classifier_epochs, train),
             "command": command,
             "hardware": hardware,
         }
