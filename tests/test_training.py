@@ -457,6 +457,16 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
         text=True,
     )
     assert bad.returncode == 2 and "--guidance-power must be >= 0" in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "train" / "evaluate.py"), str(out), "--sampler", "euler"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "invalid choice: 'euler'" in bad.stderr
+    from mrdit.pipeline import DEFAULT_SAMPLER
+
+    assert ev["sampler"] == DEFAULT_SAMPLER  # the evaluator measures the default settings unless told otherwise
     assert set(ev["classifier_val_per_class_accuracy"]) == set(ev["per_class_accuracy"])
     assert "| class | tiny-emoji | real training emoji | real validation emoji |" in r.stdout
     seen = ev["classifier_train_per_class_accuracy"]  # the judge on the training images: a ceiling
