@@ -450,20 +450,17 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
     assert "class accuracy of samples" in card and "real validation emoji" in card
     assert f"{ev['accuracy'] * 100:.1f}% (95% interval " in card and f", {2 * 12} samples)" in card
     assert ev["guidance_schedule"] == "power-cosine" and "guidance power-cosine to 4.0 (p 2.0)" in card
-    bad = subprocess.run(
-        [sys.executable, str(ROOT / "train" / "evaluate.py"), str(out), "--guidance-power", "-1"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 2 and "--guidance-power must be >= 0" in bad.stderr
-    bad = subprocess.run(
-        [sys.executable, str(ROOT / "train" / "evaluate.py"), str(out), "--sampler", "euler"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 2 and "invalid choice: 'euler'" in bad.stderr
+    for args, msg in [
+        (["--guidance-power", "-1"], "--guidance-power must be >= 0"),
+        (["--sampler", "euler"], "invalid choice: 'euler'"),
+    ]:
+        bad = subprocess.run(
+            [sys.executable, str(ROOT / "train" / "evaluate.py"), str(out), *args],
+            env=ENV,
+            capture_output=True,
+            text=True,
+        )
+        assert bad.returncode == 2 and msg in bad.stderr
     from mrdit.pipeline import DEFAULT_SAMPLER
 
     assert ev["sampler"] == DEFAULT_SAMPLER  # the evaluator measures the default settings unless told otherwise

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import shlex
 import sys
@@ -29,11 +28,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from mrdit.checkpoint import CheckpointError, read_config
+from mrdit.checkpoint import CheckpointError, atomic_save_safetensors, read_config
 from mrdit.data import TensorImageDataset, load_emoji
 from mrdit.guidance import GUIDANCE_SCHEDULES
 from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, Pipeline
@@ -126,7 +125,7 @@ def judge_recipe(epochs: int, train: TensorImageDataset) -> dict[str, str]:
 
 def classifier(data: Path, size: int, epochs: int) -> tuple[EmojiClassifier, float, dict[str, float | None]]:
     """The cached classifier for a dataset (trained on first use, or again when the cache was made by
-    another recipe or epoch count), its accuracy on the validation split and that accuracy per class:
+    another recipe, epoch count or training split), its accuracy on the validation split and that accuracy per class:
     how well the judge itself recognises real emoji of each class."""
     train, val = load_emoji(data, "train", size), load_emoji(data, "val", size)
     path = data / f"classifier-{size}.safetensors"
@@ -148,9 +147,7 @@ def classifier(data: Path, size: int, epochs: int) -> tuple[EmojiClassifier, flo
                 f"cached classifier {path} was trained with {cached or 'an older recipe'}, not {recipe}; training again"
             )
         clf = train_classifier(train, epochs)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(clf.state_dict(), str(tmp), metadata=recipe)
-        os.replace(tmp, path)  # never a half-written cache
+        atomic_save_safetensors(clf.state_dict(), path, metadata=recipe)  # never a half-written cache
     pred, y = predictions(clf, val)
     return clf, float((pred == y).float().mean()), per_class_accuracy(pred, y, val.class_names)
 
