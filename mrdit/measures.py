@@ -74,10 +74,12 @@ def settling_curves(estimates: Sequence[torch.Tensor], final: torch.Tensor, grid
     """(T, len(grids)): for each step's estimate (B, C, g, g), enlarged to the final image's size, and
     each band j, ||band_j(estimate) - band_j(final)|| / ||band_j(final)|| over the batch.
 
-    0 means the band has reached its final content; 0.1 reads "within 10% of its final value"."""
+    0 means the band has reached its final content; 0.1 reads "within 10% of its final value". A band
+    that is (nearly) empty in the final image is measured against a thousandth of the image's norm."""
     S = final.shape[-1]
     target = band_split(final.float(), grids)
-    scale = torch.stack([b.pow(2).sum() for b in target]).sqrt().clamp_min(1e-12)  # (nb,)
+    floor = 1e-3 * float(final.float().norm()) + 1e-12
+    scale = torch.stack([b.pow(2).sum() for b in target]).sqrt().clamp_min(floor)  # (nb,)
     rows = []
     for est in estimates:
         bands = band_split(enlarge(est.float(), S), grids)

@@ -311,3 +311,13 @@ def noise_for_seeds(
         xs.append(torch.randn(shape, generator=g))
         gens.append(g)
     return torch.stack(xs).to(device), gens
+
+
+def planned_times(sampler: str, steps: int, schedule: NoiseSchedule) -> list[float]:
+    """The time t each solver update of `iterate` reaches, known before the first one: the whole
+    planned schedule (one entry per yielded StepState; `dpm-fast` yields fewer updates than `steps`)."""
+    if sampler == "dpm-fast":
+        grid = torch.linspace(1.0, schedule.t_min, steps + 1)
+        outer = grid[torch.cumsum(torch.tensor([0, *_dpm_fast_orders(steps)]), 0)]
+        return [float(t) for t in outer[1:]]
+    return [float(t) for t in _grid_to_clean(schedule, steps)[1:]]

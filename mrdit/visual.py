@@ -103,37 +103,113 @@ def branch_headers(config) -> list[str]:
     return heads
 
 
-def panel_sheet(
-    x_t: torch.Tensor, branches: Sequence[torch.Tensor], display: int, headers: Sequence[str] | None = None
-) -> np.ndarray:
-    """All panels of a step for a batch, one row per image: x_t, each branch's estimate (coarse to fine),
-    then what each finer branch added (signed heat map of finer minus upsampled coarser), all at one
-    display size with nearest-neighbour upscaling. Optional column headers on top."""
+def with_headers(sheet: np.ndarray, headers: Sequence[str], width: int, pad: int = 4) -> np.ndarray:
+    """Column titles above a sheet of equal columns `width` px wide with `pad` px gaps."""
     from PIL import ImageDraw, ImageFont
 
-    B = x_t.shape[0]
-    tiles = []
-    for i in range(B):
-        row = [upscale_nearest(to_uint8(x_t[i]), display)] + [
-            upscale_nearest(to_uint8(b[i]), display) for b in branches
-        ]
-        for k in range(1, len(branches)):
-            add = branch_addition(branches[k][i : i + 1].float(), branches[k - 1][i : i + 1].float())[0]
-            row.append(upscale_nearest(signed_heatmap(add, scale=1.0), display))
-        tiles.extend(row)
-    cols = 1 + len(branches) + max(len(branches) - 1, 0)
-    sheet = grid(tiles, cols=cols, pad=4)
-    if not headers:
-        return sheet
     head_h = 22
     canvas = Image.new("RGB", (sheet.shape[1], sheet.shape[0] + head_h), (255, 255, 255))
     canvas.paste(Image.fromarray(sheet), (0, head_h))
     draw = ImageDraw.Draw(canvas)
-    size = 13 if display >= 110 else 11
-    font = ImageFont.load_default(size=size)
-    for c, text in enumerate(headers[:cols]):
-        x0 = 4 + c * (display + 4)
-        while font.getlength(text) > display and len(text) > 4:
-            text = text[:-2] + "…" if not text.endswith("…") else text[:-2] + "…"
-        draw.text((x0 + (display - font.getlength(text)) / 2, 4), text, fill=(30, 30, 30), font=font)
+    font = ImageFont.load_default(size=13 if width >= 110 else 11)
+    for c, text in enumerate(headers):
+        x0 = pad + c * (width + pad)
+        while font.getlength(text) > width and len(text) > 4:
+            text = text.rstrip("…")[:-1] + "…"
+        draw.text((x0 + (width - font.getlength(text)) / 2, 4), text, fill=(30, 30, 30), font=font)
     return np.asarray(canvas)
+
+
+def panel_sheet(
+    x_t: torch.Tensor, branches: Sequence[torch.Tensor], display: int, headers: Sequence[str] | None = None
+) -> np.ndarray:
+    """All panels of a step for a batch, one row per image: x_t, each branch's estimate (coarse to fine),
+    then what each finer branch added (signed heat map of finer minus enlarged coarser, full colour at 1),
+    all at one display size with nearest-neighbour upscaling. Optional column headers on top."""
+    tiles = []
+    for i in range(x_t.shape[0]):
+        tiles.append(upscale_nearest(to_uint8(x_t[i]), display))
+        tiles.extend(upscale_nearest(to_uint8(b[i]), display) for b in branches)
+        for k in range(1, len(branches)):
+            add = branch_addition(branches[k][i : i + 1].float(), branches[k - 1][i : i + 1].float())[0]
+            tiles.append(upscale_nearest(signed_heatmap(add, scale=1.0), display))
+    cols = 1 + len(branches) + max(len(branches) - 1, 0)
+    sheet = grid(tiles, cols=cols, pad=4)
+    return with_headers(sheet, list(headers)[:cols], display) if headers else sheet
+
+
+def labelled_rows(rows: Sequence[tuple[str, np.ndarray]], display: int) -> np.ndarray:
+    """Groups of images, one row each, titled: [(title, (B, H, W, 3) uint8), ...] at `display` px."""
+    from PIL import ImageDraw, ImageFont
+
+    cols = max(len(ims) for _, ims in rows)
+    font = ImageFont.load_default(size=14)
+    blocks = []
+    for title, ims in rows:
+        tiles = [upscale_nearest(im, display) for im in ims]
+        tiles += [np.full_like(tiles[0], 255)] * (cols - len(tiles))
+        body = grid(tiles, cols=cols, pad=4)
+        head = Image.new("RGB", (body.shape[1], 22), (255, 255, 255))
+        ImageDraw.Draw(head).text((6, 4), title, fill=(30, 30, 30), font=font)
+        blocks += [np.asarray(head), body]
+    return np.concatenate(blocks, axis=0)
+
+
+def heat_overlay(img: np.ndarray, att: np.ndarray) -> np.ndarray:
+    """A (g, g) map in [0, 1] over an (H, W, 3) uint8 image (H a multiple of g): white-to-red, the image faint."""
+    a = upscale_nearest(np.repeat((att * 255).round().astype(np.uint8)[..., None], 3, -1), img.shape[0])[..., :1] / 255
+    red = np.array([220.0, 30.0, 30.0])
+    base = 0.35 * img.astype(np.float64) + 0.65 * 255
+    return (base * (1 - a) + red * a).round().clip(0, 255).astype(np.uint8)
+
+
+def attention_sheet(x_t: torch.Tensor, estimate: torch.Tensor, maps: torch.Tensor, display: int) -> np.ndarray:
+    """Per image: x_t, the map over x_t, the map over the estimate, and the map alone, each scaled to its
+    own maximum (maps: (B, g, g); x_t (B, 3, H, W) and estimate (B, 3, h, w) in [-1, 1])."""
+    size = display - display % maps.shape[-1] or maps.shape[-1]
+    tiles = []
+    for i in range(maps.shape[0]):
+        m = maps[i].detach().float().cpu()
+        m = (m / m.max().clamp_min(1e-12)).numpy()
+        xt = upscale_nearest(to_uint8(x_t[i]), size)
+        est = upscale_nearest(to_uint8(estimate[i]), size)
+        blank = np.full_like(xt, 255)
+        tiles += [xt, heat_overlay(xt, m), heat_overlay(est, m), heat_overlay(blank, m)]
+    sheet = grid(tiles, cols=4, pad=4)
+    return with_headers(sheet, ["x_t", "attention over x_t", "over the estimate", "attention"], size)
+
+
+def side_by_side(groups: Sequence[tuple[str, torch.Tensor, Sequence[torch.Tensor]]], display: int) -> np.ndarray:
+    """Models next to each other, one row per image: for each (name, x_t, branches), x_t then every
+    branch's estimate, coarse to fine, with titled columns."""
+    tiles, headers = [], []
+    for name, _, branches in groups:
+        headers += [f"{name}: x_t"] + [f"{name}: {b.shape[-1]}x{b.shape[-1]}" for b in branches]
+    for i in range(groups[0][1].shape[0]):
+        for _, x_t, branches in groups:
+            tiles.append(upscale_nearest(to_uint8(x_t[i]), display))
+            tiles.extend(upscale_nearest(to_uint8(b[i]), display) for b in branches)
+    return with_headers(grid(tiles, cols=len(headers), pad=4), headers, display)
+
+
+def save_mp4(frames: Sequence[np.ndarray], path: str | Path, fps: float = 8.0, hold_last: int = 8) -> Path:
+    """H.264 MP4 (yuv420p, playable in browsers) of (H, W, 3) uint8 frames, padded white to even sizes."""
+    if not frames:
+        raise ValueError("no frames")
+    try:
+        import imageio.v3 as iio
+    except ImportError as e:  # pragma: no cover - imageio is a runtime requirement of the app
+        raise RuntimeError("MP4 export needs imageio and imageio-ffmpeg") from e
+    h, w = frames[0].shape[:2]
+    H, W = h + h % 2, w + w % 2
+    padded = []
+    for f in list(frames) + [frames[-1]] * (hold_last - 1):
+        canvas = np.full((H, W, 3), 255, dtype=np.uint8)
+        canvas[:h, :w] = f
+        padded.append(canvas)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    iio.imwrite(tmp, np.stack(padded), extension=".mp4", fps=fps, codec="libx264", macro_block_size=1, pixelformat="yuv420p")
+    tmp.replace(path)
+    return path
