@@ -119,8 +119,9 @@ def plan_swap(
     return seeds, labels, SwapCoarse(source, from_step)
 
 
-def check_intervention(intervention: Intervention, model: torch.nn.Module, batch: int) -> None:
-    """What can only be checked against the model and the batch: a clear ValueError otherwise."""
+def check_intervention(intervention: Intervention, model: torch.nn.Module, batch: int, evaluations: int) -> None:
+    """What can only be checked against the model, the batch and the run's number of network
+    evaluations (`steps` for every sampler): a clear ValueError otherwise."""
     config: ModelConfig = model.config
     if not isinstance(intervention, (SwapCoarse, FreezeCoarse, BranchGuidance)):
         raise ValueError(f"intervention must be SwapCoarse, FreezeCoarse or BranchGuidance, got {intervention!r}")
@@ -130,6 +131,9 @@ def check_intervention(intervention: Intervention, model: torch.nn.Module, batch
         )
     if not isinstance(model, DiMR):
         raise ValueError(f"interventions need the plain DiMR network, not a {type(model).__name__} wrapper")
+    from_step = getattr(intervention, "from_step", 0)
+    if from_step >= evaluations:
+        raise ValueError(f"from_step must be below the run's {evaluations} network evaluations, got {from_step}")
     if isinstance(intervention, SwapCoarse):
         if len(intervention.source) != batch or max(intervention.source) >= batch:
             raise ValueError(

@@ -21,7 +21,7 @@ from PIL import Image
 from .checkpoint import load_model, resolve_model_dir
 from .config import ModelConfig
 from .fast import FastForward
-from .interventions import Intervention
+from .interventions import Intervention, check_intervention
 from .sampling import MAX_STEPS, SAMPLERS, StepState, iterate, noise_for_seeds
 from .visual import to_uint8
 
@@ -264,6 +264,11 @@ class Pipeline:
         With an `intervention` (`mrdit.interventions`) the plain network runs: its hand-offs are edited
         per call, which a captured graph or compiled wrapper cannot do."""
         c = self.config
+        if intervention is not None:
+            try:
+                check_intervention(intervention, self.model, len(settings.seeds), settings.steps)
+            except ValueError as e:
+                raise InputError(str(e)) from None
         noise, gens = noise_for_seeds(settings.seeds, (c.channels, c.image_size, c.image_size), self.device)
         labels = torch.tensor(settings.labels, device=self.device)
         for state in iterate(

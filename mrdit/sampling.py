@@ -281,7 +281,7 @@ def iterate(
     if intervention is None:
         denoise: Denoiser = guided_denoiser(model, labels, weight, config.null_label)
     else:
-        check_intervention(intervention, model, noise.shape[0])
+        check_intervention(intervention, model, noise.shape[0], steps)  # steps = evaluations
         if guidance_schedule != "constant" and isinstance(intervention, BranchGuidance):
             raise ValueError("guidance_schedule must be 'constant' with BranchGuidance (its weights replace guidance)")
         denoise = InterventionDenoiser(model, labels, weight, config.null_label, intervention, float(guidance) != 1.0)

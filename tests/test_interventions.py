@@ -11,7 +11,7 @@ from mrdit import build_model, get_preset
 from mrdit.fast import FastForward
 from mrdit.interventions import BranchGuidance, FreezeCoarse, InterventionDenoiser, SwapCoarse, plan_swap
 from mrdit.network import step_to_tau
-from mrdit.pipeline import Pipeline
+from mrdit.pipeline import InputError, Pipeline
 from mrdit.sampling import SAMPLERS, iterate, noise_for_seeds, sample
 
 STEPS = 4
@@ -83,7 +83,6 @@ def test_identity_swap_and_late_freeze_are_the_plain_run(model, sampler):
     plain = run(model, seeds, labels, sampler)
     assert torch.equal(run(model, seeds, labels, sampler, intervention=SwapCoarse((0, 1, 2))), plain)
     assert torch.equal(run(model, seeds, labels, sampler, intervention=FreezeCoarse(STEPS - 1)), plain)
-    assert torch.equal(run(model, seeds, labels, sampler, intervention=FreezeCoarse(STEPS)), plain)  # never reached
     assert not torch.allclose(run(model, seeds, labels, sampler, intervention=FreezeCoarse(1)), plain)
 
 
@@ -254,6 +253,8 @@ def test_run_time_checks(model):
         run(model, [1, 2], [0, 1], intervention=SwapCoarse((0, 2)))
     with pytest.raises(ValueError, match="weights"):
         run(model, [1, 2], [0, 1], intervention=BranchGuidance((1, 2)))
+    with pytest.raises(ValueError, match="from_step must be below the run's 4 network evaluations"):
+        run(model, [1, 2], [0, 1], intervention=FreezeCoarse(STEPS))
     c = model.config
     noise, _ = noise_for_seeds([1], (c.channels, c.image_size, c.image_size))
     with pytest.raises(ValueError, match="guidance_schedule"):
@@ -306,6 +307,8 @@ def test_pipeline_stream_passes_the_intervention_to_the_plain_network(model):
     assert torch.equal(swapped, ref)
     states = list(pipe.stream(settings, previews=True))
     assert states[-1][1] is not None and states[-1][0].x.shape == (2, 3, 16, 16)
+    with pytest.raises(InputError, match="source"):  # a message for the user, before any sampling
+        next(pipe.stream(settings, intervention=SwapCoarse((0, 1, 2))))
 
 
 def _noise_labels(model, seeds, labels):
