@@ -16,8 +16,9 @@ grid's layout, then each finer grid's detail). For each class and each of --seed
 
 With --judge-data (prepared emoji data, as for train/evaluate.py) the judge's class accuracy and its
 95% Wilson interval is added for each condition, and for the class swap the share of hybrids the
-judge assigns to A's class and to B's. The final images are kept in --images, so `--judge-only`
-scores them again without sampling.
+judge assigns to A's class and to B's. The final images are kept in --images, so `--reuse-images`
+measures them again without sampling. Last, the class token's attention and the time-dependent norms
+are summarised on the plain images (`mrdit.probes`).
 """
 
 from __future__ import annotations
@@ -201,6 +202,39 @@ def judge(results: dict, images: dict[str, torch.Tensor], data: Path, classes: i
     results["judge"] = out
 
 
+@torch.no_grad()
+def probe_summary(model: torch.nn.Module, plain: torch.Tensor, labels: list[int], times: list[float]) -> dict:
+    """The class token's attention and the TD norms on the plain images. For each t, x_t = alpha x0 +
+    sigma eps (eps from seed 0): per block, the attention mass on the grid (the rest is on the class
+    token itself) and how much more of that mass lands on the object than its area would give
+    (foreground: pixels off the white background; 1 = no preference)."""
+    from mrdit.probes import class_token_attention, curves_by_branch, td_norm_curves
+    from mrdit.schedule import NoiseSchedule
+
+    ns = NoiseSchedule(model.config.schedule)
+    g = model.config.branches[0].grid
+    S = plain.shape[-1]
+    fg = ((plain - 1).abs().amax(1, keepdim=True) > 0.2).float()  # (B, 1, S, S) off-white pixels
+    fg_cells = torch.nn.functional.avg_pool2d(fg, S // g)[:, 0]  # (B, g, g) foreground fraction per cell
+    eps = torch.randn(plain.shape, generator=torch.Generator().manual_seed(0))
+    out: dict = {"times": times, "grid_mass": [], "object_preference": []}
+    for t in times:
+        tt = torch.tensor(float(t))
+        x = float(ns.alpha(tt)) * plain + float(ns.sigma(tt)) * eps
+        maps = class_token_attention(model, x, ns.network_step(tt).reshape(1), torch.tensor(labels))  # (B, L, H, g, g)
+        mass = maps.sum((-1, -2))  # (B, L, H)
+        on_fg = (maps * fg_cells[:, None, None]).sum((-1, -2)) / mass.clamp_min(1e-12)  # (B, L, H)
+        area = fg_cells.mean((-1, -2))[:, None, None]  # (B, 1, 1)
+        out["grid_mass"].append(mass.mean((0, 2)).tolist())
+        out["object_preference"].append((on_fg.mean(0) / area.mean()).mean(-1).tolist())
+    curves = curves_by_branch(td_norm_curves(model, num_points=11))
+    out["td"] = {
+        name: {"t0": float(v[0]), "t0.5": float(v[5]), "t1": float(v[-1])}
+        for name, v in zip(curves.names, curves.values)
+    }
+    return out
+
+
 def tables(results: dict) -> str:
     bands = results["bands"]
     head = "| | " + " | ".join(bands) + " |\n|---|" + "---|" * len(bands) + "\n"
@@ -217,6 +251,17 @@ def tables(results: dict) -> str:
     lines.append(f"| another seed, same class | {fmt(results['another_seed'])} |")
     for name, c in results["conditions"].items():
         lines.append(f"| {name} | {fmt(c['distance_to_plain'])} |")
+    if "probes" in results:
+        pr = results["probes"]
+        L = len(pr["grid_mass"][0])
+        lines += ["", "**Class token attention** (mean over heads and images): grid mass / object preference", ""]
+        lines += ["| t | " + " | ".join(f"block {i}" for i in range(L)) + " |", "|---|" + "---|" * L]
+        for t, m, o in zip(pr["times"], pr["grid_mass"], pr["object_preference"]):
+            lines.append(f"| {t:g} | " + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(m, o)) + " |")
+        lines += ["", "**Time-dependent norms** (RMS over channels, mean over blocks)", ""]
+        lines += ["| parameter | t = 0 | t = 0.5 | t = 1 |", "|---|---|---|---|"]
+        for name, v in pr["td"].items():
+            lines.append(f"| {name} | {v['t0']:.3f} | {v['t0.5']:.3f} | {v['t1']:.3f} |")
     if "judge" in results:
         j = results["judge"]
         lines += ["", f"**Judge** (validation accuracy {j['validation_accuracy'] * 100:.1f}%)", ""]
@@ -258,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--judge-data", type=Path, help="prepared emoji data: also score every condition with the judge")
     p.add_argument("--images", type=Path, default=Path("runs/branch-experiments.safetensors"), help="final images")
-    p.add_argument("--judge-only", action="store_true", help="score the saved --images and --out again; no sampling")
+    p.add_argument(
+        "--reuse-images", action="store_true", help="no sampling: measure the saved --images into --out again"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--out", type=Path, default=Path("docs/branch-experiments.json"), help="results (JSON)")
     args = p.parse_args(argv)
@@ -268,8 +315,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps must be >= 1, --guidance and --first-seed >= 0")
     if any(k < 0 for k in args.freeze_steps + args.zero_steps + args.class_swap_steps):
         p.error("--class-swap-steps, --freeze-steps and --zero-steps must be >= 0")
-    if args.judge_only and args.judge_data is None:
-        p.error("--judge-only needs --judge-data")
     print("config:", json.dumps(vars(args), default=str))
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
@@ -277,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(ws) != len(model.config.branches):
             p.error(f"--branch-weights {ws}: need one weight per branch ({len(model.config.branches)})")
     classes = model.config.num_classes - 1
-    if args.judge_only:
+    if args.reuse_images:
         results = json.loads(args.out.read_text())
         images = {k.replace("_", " "): v.float() / 127.5 - 1 for k, v in load_file(str(args.images)).items()}
     else:
@@ -295,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             "classes": classes,
         }
         atomic_save_safetensors({k.replace(" ", "_"): to_uint8(v) for k, v in images.items()}, args.images)
+    results["probes"] = probe_summary(model, images["plain"], results["labels"], [0.9, 0.5, 0.1])
     if args.judge_data is not None:
         judge(results, images, args.judge_data, classes)
     atomic_write(args.out, lambda f: f.write(json.dumps(results, indent=2).encode()))
