@@ -86,8 +86,18 @@ class GEGLU(nn.Module):
         return self.w2(F.gelu(self.w0(n)) * self.w1(n))  # (B, ..., D)
 
 
+def first_query_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q_0 k^T / sqrt(d)) in float32: token 0's attention probabilities over all N keys.
+    q, k: (B, h, N, d) -> (B, h, N). The same scaling as `scaled_dot_product_attention`."""
+    logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), k.float()) * q.shape[-1] ** -0.5  # (B, h, N)
+    return logits.softmax(-1)
+
+
 class Attention(nn.Module):
-    """Pre-norm multi-head self-attention: one bias-free qkv projection laid out [q | k | v], head-major."""
+    """Pre-norm multi-head self-attention: one bias-free qkv projection laid out [q | k | v], head-major.
+
+    `probe`, if a list, receives token 0's attention probabilities (B, h, N) in float32, computed from
+    the very q and k this forward attends with (`first_query_attention`); the output is unchanged."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -96,10 +106,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tau: torch.Tensor, probe: list[torch.Tensor] | None = None) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(self.norm(x, tau))  # (B, N, 3D)
         q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, D/h)
+        if probe is not None:
+            probe.append(first_query_attention(q, k))  # (B, h, N)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, D/h)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
@@ -110,8 +122,8 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(dim, heads)
         self.mlp = GEGLU(dim, hidden)
 
-    def forward(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(x, tau)  # (B, N, D)
+    def forward(self, x: torch.Tensor, tau: torch.Tensor, probe: list[torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(x, tau, probe)  # (B, N, D)
         return x + self.mlp(x, tau)  # (B, N, D)
 
 

@@ -7,6 +7,8 @@ t in [0, num_steps] and returns one noise prediction per branch, coarse to fine.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -51,7 +53,11 @@ class Branch(nn.Module):
         """Channels of the features handed to the next branch: the embedding and every block output."""
         return (self.spec.blocks + 1) * self.spec.width
 
-    def _block(self, i: int, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    def _block(
+        self, i: int, x: torch.Tensor, tau: torch.Tensor, probe: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        if probe is not None:
+            return self.blocks[i](x, tau, probe)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(self.blocks[i], x, tau, use_reentrant=False)
         return self.blocks[i](x, tau)
@@ -63,9 +69,15 @@ class Branch(nn.Module):
         y: torch.Tensor,
         prev_feats: list[torch.Tensor] | None,
         keep_feats: bool,
+        probe: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Embedding and blocks. Returns the last block's output on the grid and, if asked, the features
-        for the next branch: the embedding and every block output, each (B, g, g, D)."""
+        for the next branch: the embedding and every block output, each (B, g, g, D).
+
+        `probe` (transformer branches only), if a list, receives each block's class-token attention
+        probabilities (B, h, 1 + g*g) in float32 (see `layers.Attention`)."""
+        if probe is not None and not self.is_transformer:
+            raise ValueError("probe: only a transformer branch has attention to record")
         g, D = self.spec.grid, self.spec.width
         B = x.shape[0]
         with torch.autocast(device_type=x.device.type, enabled=False):  # few input channels: float32 is nearly free
@@ -88,7 +100,7 @@ class Branch(nn.Module):
         for i in range(n):
             if i > n // 2:
                 z = self.skips[i - n // 2 - 1](z, stack.pop())  # [(B, ..., D), (B, ..., D)] -> (B, ..., D)
-            z = self._block(i, z, tau)  # (B, 1 + g*g, D) or (B, g, g, D)
+            z = self._block(i, z, tau, probe)  # (B, 1 + g*g, D) or (B, g, g, D)
             if i < n // 2:
                 stack.append(z)
             if feats is not None:
@@ -96,9 +108,17 @@ class Branch(nn.Module):
         return to_grid(z), feats  # (B, g, g, D), n+1 x (B, g, g, D)
 
 
+Handoff = Callable[[int, list[torch.Tensor]], list[torch.Tensor]]
+
+
 class DiMR(nn.Module):
     """Multi-resolution diffusion network. forward(x, t, y) -> [eps_hat_0, ..., eps_hat_{K-1}],
-    coarse to fine, eps_hat_k of shape (B, C, grid_k, grid_k)."""
+    coarse to fine, eps_hat_k of shape (B, C, grid_k, grid_k).
+
+    `handoff(k, feats)`, if given, sees the features branch k hands to branch k + 1 (the embedding and
+    every block output, each (B, g_k, g_k, D_k)) and returns the features to use instead: the hook that
+    `mrdit.interventions` builds its experiments on. The network itself keeps no state between calls.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -114,7 +134,9 @@ class DiMR(nn.Module):
         for b in self.branches:
             b.grad_checkpointing = enabled
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, handoff: Handoff | None = None
+    ) -> list[torch.Tensor]:
         check_inputs(self.config, x, t, y)
         tau = step_to_tau(t.reshape(-1), self.config.schedule.num_steps)  # (B,) or (1,) when shared
         outs: list[torch.Tensor] = []
@@ -123,6 +145,8 @@ class DiMR(nn.Module):
         for k, branch in enumerate(self.branches):
             h, feats = branch.trunk(x, tau, y, feats, keep_feats=k < last)  # (B, g_k, g_k, D_k)
             outs.append(branch.head(h, tau))  # (B, C, g_k, g_k)
+            if handoff is not None and k < last:
+                feats = handoff(k, feats)  # n_k+1 x (B, g_k, g_k, D_k)
         return outs
 
 

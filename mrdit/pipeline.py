@@ -21,6 +21,7 @@ from PIL import Image
 from .checkpoint import load_model, resolve_model_dir
 from .config import ModelConfig
 from .fast import FastForward
+from .interventions import Intervention, check_intervention
 from .sampling import MAX_STEPS, SAMPLERS, StepState, iterate, noise_for_seeds
 from .visual import to_uint8
 
@@ -255,13 +256,23 @@ class Pipeline:
             branches=[self.decode_preview(x0) for x0 in state.x0],
         )
 
-    def stream(self, settings: Settings, previews: bool = True) -> Iterator[tuple[StepState, Preview | None]]:
-        """Run the sampler for validated settings, yielding each state with its decoded preview."""
+    def stream(
+        self, settings: Settings, previews: bool = True, intervention: Intervention | None = None
+    ) -> Iterator[tuple[StepState, Preview | None]]:
+        """Run the sampler for validated settings, yielding each state with its decoded preview.
+
+        With an `intervention` (`mrdit.interventions`) the plain network runs: its hand-offs are edited
+        per call, which a captured graph or compiled wrapper cannot do."""
         c = self.config
+        if intervention is not None:
+            try:
+                check_intervention(intervention, self.model, len(settings.seeds), settings.steps)
+            except ValueError as e:
+                raise InputError(str(e)) from None
         noise, gens = noise_for_seeds(settings.seeds, (c.channels, c.image_size, c.image_size), self.device)
         labels = torch.tensor(settings.labels, device=self.device)
         for state in iterate(
-            self.net,
+            self.net if intervention is None else self.model,
             noise,
             labels,
             sampler=settings.sampler,
@@ -270,6 +281,7 @@ class Pipeline:
             guidance_schedule=settings.guidance_schedule,
             guidance_power=settings.guidance_power,
             generators=gens,
+            intervention=intervention,
         ):
             yield state, (self.preview(state) if previews else None)
 

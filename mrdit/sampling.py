@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .guidance import Denoiser, guidance_weight_fn, guided_denoiser
+from .interventions import BranchGuidance, Intervention, InterventionDenoiser, check_intervention
 from .schedule import NoiseSchedule
 
 SAMPLERS = ("dpm-fast", "dpm++2m", "dpm++2m-sde", "ddim", "ddpm")
@@ -260,6 +261,7 @@ def iterate(
     guidance_power: float = 1.0,
     eta: float | None = None,
     generators: Sequence[torch.Generator] | None = None,
+    intervention: Intervention | None = None,
 ) -> Iterator[StepState]:
     """Yield a StepState after every solver update, starting from `noise` (x at t = 1).
 
@@ -267,6 +269,8 @@ def iterate(
     `guidance_schedule="power-cosine"`, w rises from 1 to `guidance` (= w_max) with power `guidance_power`.
     `generators` (one per image) drive the fresh noise of stochastic samplers. `eta` is DDIM's
     stochasticity (default 0 for `ddim`, 1 for `ddpm`); the other samplers refuse it.
+    `intervention` (see `mrdit.interventions`; DiMR networks only, not a compiled wrapper) edits the
+    branch hand-offs; `BranchGuidance` replaces `guidance` and needs the constant schedule.
     """
     validate_sampling_args(sampler, steps, guidance, guidance_schedule, guidance_power, eta)
     config = model.config
@@ -274,7 +278,14 @@ def iterate(
         raise ValueError(f"labels must have shape ({noise.shape[0]},), got {tuple(labels.shape)}")
     schedule = NoiseSchedule(config.schedule)
     weight = guidance_weight_fn(float(guidance), guidance_schedule, float(guidance_power), schedule.N)
-    ev = _Evaluator(guided_denoiser(model, labels, weight, config.null_label), schedule, clip=config.clips_x0)
+    if intervention is None:
+        denoise: Denoiser = guided_denoiser(model, labels, weight, config.null_label)
+    else:
+        check_intervention(intervention, model, noise.shape[0], steps)  # steps = evaluations
+        if guidance_schedule != "constant" and isinstance(intervention, BranchGuidance):
+            raise ValueError("guidance_schedule must be 'constant' with BranchGuidance (its weights replace guidance)")
+        denoise = InterventionDenoiser(model, labels, weight, config.null_label, intervention, float(guidance) != 1.0)
+    ev = _Evaluator(denoise, schedule, clip=config.clips_x0)
     x = noise.float()
     if sampler == "dpm-fast":
         yield from _dpm_fast(ev, x, steps)

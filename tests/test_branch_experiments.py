@@ -1,0 +1,51 @@
+"""End-to-end smoke of train/branch_experiments.py on the tiny saved model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+SCRIPT = ROOT / "train" / "branch_experiments.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_help_and_bad_arguments():
+    assert "--seeds-per-class" in _run("--help").stdout
+    bad = _run("--seeds-per-class", "3")
+    assert bad.returncode == 2 and "--seeds-per-class must be even" in bad.stderr
+
+
+def test_runs_every_experiment_and_measures_saved_images_again(tiny_model_dir, tmp_path):
+    out, images = tmp_path / "r.json", tmp_path / "x.safetensors"
+    common = ["--model", str(tiny_model_dir), "--out", str(out), "--images", str(images), "--seeds-per-class", "2"]
+    res = _run(
+        *common,
+        "--steps",
+        "2",
+        "--class-swap-steps",
+        "0",
+        "--freeze-steps",
+        "0",
+        "--zero-steps",
+        "1",
+        "--branch-weights",
+        "2,1,1",
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("config:") and "**Swap**" in res.stdout
+    r = json.loads(out.read_text())
+    assert r["bands"] == ["4x4 layout", "4-8", "8-16"]
+    # From step 0 a class swap at one seed is exactly A: the class reaches the finer branches only there.
+    assert r["swap"]["other class, same seed, from 0"]["hybrid_to_a_over_a_to_b"] == [0.0, 0.0, 0.0]
+    assert set(r["conditions"]) == {"freeze from 0", "zero from 1", "weights 2,1,1"}
+    assert r["images_sampled"] == 2 * 3 + 4 * 2 + 3 * 4  # 2 classes: seed swap, class swap, 3 conditions
+    assert len(r["probes"]["grid_mass"]) == 3
+    again = _run(*common, "--reuse-images")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(out.read_text())["swap"] == r["swap"]
