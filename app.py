@@ -2,14 +2,21 @@
 
     python app.py            # serves on GRADIO_SERVER_PORT (default 7860)
 
-The app is a thin layer over `mrdit`: `Pipeline.validate` checks every input, `Pipeline.stream`
-yields each solver step with each branch's clean-image estimate, and `mrdit.visual` draws the panels.
+One page, five tabs that read the same run: Watch (every branch's estimate at every step, Play, step
+mode, the coarse-to-fine measure), Experiments (swap, freeze and guide the coarse branch), Inside the
+network (the class token's attention, the time-dependent norms), Compare (DiMR beside the
+single-resolution baseline) and Runs (GIF, MP4 and trajectory bundles, export and load).
+
+The app is a thin layer over `mrdit`: `Pipeline` validates and streams, `mrdit.trajectory` keeps a
+run within a byte budget and reads and writes bundles, `mrdit.measures` computes the coarse-to-fine
+measure, `mrdit.interventions` and `mrdit.probes` the experiments, `mrdit.visual` draws.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -17,7 +24,8 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import gradio as gr
@@ -26,9 +34,23 @@ import pandas as pd
 import torch
 
 from mrdit.checkpoint import CheckpointError, resolve_model_dir
+from mrdit.interventions import BranchGuidance, FreezeCoarse, plan_swap
+from mrdit.measures import addition_bands, band_names, band_split, settling_curves
 from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, MAX_IMAGES, InputError, Pipeline, Preview, Settings
-from mrdit.sampling import SAMPLERS
-from mrdit.visual import branch_headers, panel_sheet, save_gif
+from mrdit.probes import TDCurves, class_token_attention, curves_by_branch, td_norm_curves
+from mrdit.sampling import SAMPLERS, StepState, planned_times
+from mrdit.schedule import NoiseSchedule
+from mrdit.trajectory import MAX_BUNDLE_BYTES, BundleError, Frame, Trajectory, load_bundle, save_bundle
+from mrdit.visual import (
+    attention_sheet,
+    branch_headers,
+    labelled_rows,
+    panel_sheet,
+    save_gif,
+    save_mp4,
+    side_by_side,
+    to_uint8,
+)
 
 ROOT = Path(__file__).resolve().parent
 WEIGHTS = ROOT / "weights"
@@ -37,7 +59,8 @@ DEFAULT_MODEL = os.environ.get("MRDIT_MODEL", "mrdit-emoji-32")
 COMPILE = os.environ.get("MRDIT_COMPILE", "1") != "0"
 DISPLAY = 96  # every panel is shown at this size, nearest-neighbour, so model pixels stay honest
 STREAM_INTERVAL = 0.08  # seconds between streamed frames (the last step is always shown)
-MAX_SESSION_STEPS = 250  # trajectory memory bound per session
+# Per-session trajectory budget: beyond it an evenly spaced subset of steps (first and last included) is kept.
+TRAJECTORY_MB = float(os.environ.get("MRDIT_TRAJECTORY_MB", "48"))
 RELEASED = {
     "DiMR-XL/2R (ImageNet 256, authors' release)": ("dimr-xl-2r", "DiMR-XL_2R_800epochs.pth"),
     "DiMR-G/2R (ImageNet 256, authors' release)": ("dimr-g-2r", "DiMR-G_2R_800epochs.pth"),
@@ -162,61 +185,145 @@ def class_choices(pipe: Pipeline) -> list[str]:
     return pipe.class_names
 
 
-# ---------------------------------------------------------------- trajectories
+
+# Runs: what a session keeps
 
 
 @dataclass
-class Trajectory:
-    """What a session keeps after a run: decoded previews of every step (float16, model resolution)."""
+class Run:
+    """A session's current run: the kept trajectory and what the views need to draw it."""
 
-    settings: Settings | None = None
-    previews: list[Preview] = field(default_factory=list)
-    headers: list[str] = field(default_factory=list)
-    schedule_t: list[float] = field(default_factory=list)
-    final: list[np.ndarray] = field(default_factory=list)
-    stepper: object | None = None  # the paused sampler of step mode
+    traj: Trajectory
+    headers: list[str]
+    settings: Settings | None = None  # None for a run loaded from a bundle
+    stepper: Iterator | None = None  # the paused sampler of step mode
+    measures: dict = field(default_factory=dict)  # plots computed once per finished run
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
+    @property
+    def model(self) -> str:
+        return self.traj.meta.get("model", "")
 
-def render(traj: Trajectory, i: int) -> np.ndarray:
-    pv = traj.previews[i]
-    return panel_sheet(pv.x_t.float(), [b.float() for b in pv.branches], DISPLAY, traj.headers)
+
+SAMPLER_STEPS = [0]  # solver updates computed by this server, all sessions (how tests see Stop end a loop)
 
 
-def status_text(pv: Preview, settings: Settings, elapsed: float | None = None) -> str:
-    s = f"**step {pv.index + 1} / {pv.total}** · t = {pv.t:.3f} · network evaluations {pv.nfe}"
+def new_trajectory(pipe: Pipeline, settings: Settings) -> Trajectory:
+    schedule = NoiseSchedule(pipe.config.schedule)
+    ts = planned_times(settings.sampler, settings.steps, schedule)
+    lam = [float(schedule.log_snr(torch.tensor(t))) for t in ts]
+    meta = {"model": settings.model, "settings": asdict(settings), "headers": branch_headers(pipe.config)}
+    meta = json.loads(json.dumps(meta))  # the form a bundle gives back: lists, not tuples
+    return Trajectory(total=len(ts), budget_bytes=int(TRAJECTORY_MB * 2**20), planned_t=ts, planned_log_snr=lam, meta=meta)
+
+
+def to_frame(state: StepState, pv: Preview) -> Frame:
+    return Frame(
+        step=state.index + 1,
+        t=state.t,
+        log_snr=state.log_snr,
+        nfe=state.nfe,
+        x_t=pv.x_t,
+        branches=pv.branches,
+        x=state.x.detach().to("cpu", torch.float16),
+    )
+
+
+def render(run: Run, frame: Frame) -> np.ndarray:
+    return panel_sheet(frame.x_t.float(), [b.float() for b in frame.branches], DISPLAY, run.headers)
+
+
+def status_text(frame: Frame, total: int, elapsed: float | None = None) -> str:
+    s = f"**step {frame.step} / {total}** · t = {frame.t:.3f} · network evaluations {frame.nfe}"
     if elapsed is not None:
         s += f" · {elapsed:.2f} s"
     return s
 
 
-def schedule_plot(traj: Trajectory, i: int) -> pd.DataFrame:
-    """log-SNR at each step (finite ones) and a marker at the current step."""
+def schedule_plot(traj: Trajectory, step: int | None) -> pd.DataFrame:
+    """The whole planned schedule (log-SNR after each step) and a vertical marker at `step`."""
     rows = [
-        {"step": k + 1, "log-SNR": p.log_snr, "series": "schedule"}
-        for k, p in enumerate(traj.previews)
-        if np.isfinite(p.log_snr)
+        {"step": i + 1, "log-SNR": v, "series": "planned schedule"}
+        for i, v in enumerate(traj.planned_log_snr)
+        if math.isfinite(v)
     ]
-    if rows:  # the current step as a vertical line across the plotted range
+    if rows and step is not None:
         lo, hi = min(r["log-SNR"] for r in rows), max(r["log-SNR"] for r in rows)
-        rows += [{"step": i + 1, "log-SNR": v, "series": "current step"} for v in (lo, hi)]
-    return pd.DataFrame(rows or [{"step": 0, "log-SNR": 0.0, "series": "schedule"}])
+        rows += [{"step": step, "log-SNR": v, "series": "current step"} for v in (lo, hi)]
+    return pd.DataFrame(rows or [{"step": 0, "log-SNR": 0.0, "series": "planned schedule"}])
 
 
-def change_plot(traj: Trajectory) -> pd.DataFrame:
-    """How much each branch's estimate still changes per step (mean |x0_k(i) - x0_k(i-1)|, image units)."""
-    rows = []
-    for k in range(len(traj.previews[0].branches) if traj.previews else 0):
-        for i in range(1, len(traj.previews)):
-            d = (traj.previews[i].branches[k].float() - traj.previews[i - 1].branches[k].float()).abs().mean()
-            rows.append({"step": i + 1, "change": float(d), "branch": traj.headers[1 + k]})
-    return pd.DataFrame(rows or [{"step": 0, "change": 0.0, "branch": "-"}])
+def _with_marker(df: pd.DataFrame, y: str, color: str, step: int | None) -> pd.DataFrame:
+    if df.empty or step is None:
+        return df
+    lo, hi = float(df[y].min()), float(df[y].max())
+    marker = pd.DataFrame([{"step": step, y: v, color: "current step"} for v in (lo, hi)])
+    return pd.concat([df, marker], ignore_index=True)
 
 
-# ---------------------------------------------------------------- events
+def measure_frames(run: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The coarse-to-fine measure of a finished run (cached): per band, the finest estimate's relative
+    distance to the final image; per finer branch, the share of what it added that its coarser grid
+    cannot hold."""
+    if "settle" in run.measures:
+        return run.measures["settle"], run.measures["adds"]
+    traj = run.traj
+    settle = pd.DataFrame([{"step": 0, "distance to final": 0.0, "band": "-"}])
+    adds = pd.DataFrame([{"step": 0, "new-detail share": 0.0, "branch": "-"}])
+    grids = [b.shape[-1] for b in traj.frames[0].branches] if traj.frames else []
+    if traj.finished and len(grids) > 1 and all(b > a and b % a == 0 for a, b in zip(grids, grids[1:])):
+        final = traj.frames[-1].branches[-1].float()
+        curves = settling_curves([f.branches[-1] for f in traj.frames], final, grids)  # (T, nb)
+        names = band_names(grids)
+        settle = pd.DataFrame(
+            [
+                {"step": f.step, "distance to final": float(curves[i, j]), "band": names[j]}
+                for i, f in enumerate(traj.frames)
+                for j in range(len(names))
+            ]
+        )
+        rows = []
+        for f in traj.frames:
+            energy = addition_bands([b.float() for b in f.branches])  # (K-1, K)
+            for k in range(1, len(grids)):
+                total = float(energy[k - 1].sum())
+                share = float(energy[k - 1, k]) / total if total > 0 else 0.0
+                rows.append({"step": f.step, "new-detail share": share, "branch": f"branch {k} ({grids[k]}x{grids[k]})"})
+        adds = pd.DataFrame(rows)
+    run.measures.update(settle=settle, adds=adds)
+    return settle, adds
+
+
+def plots(run: Run, step: int | None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    settle, adds = measure_frames(run)
+    return (
+        schedule_plot(run.traj, step),
+        _with_marker(settle, "distance to final", "band", step),
+        _with_marker(adds, "new-detail share", "branch", step),
+    )
+
+
+def slider_for(run: Run, value: int) -> dict:
+    t = run.traj
+    return gr.update(minimum=1, maximum=max(t.total, 2), value=value, step=1, interactive=len(t.frames) > 1)
+
+
+def final_images(run: Run) -> list[np.ndarray] | None:
+    return None if run.traj.final is None else list(run.traj.final)
+
+
+# Events: Watch
+
+
+def _gr_error(e: Exception) -> gr.Error:
+    if isinstance(e, (InputError, CheckpointError, BundleError, ValueError)):
+        return gr.Error(str(e), print_exception=False)
+    log.exception("request failed")
+    return gr.Error("Something went wrong; please try again with other settings.", print_exception=False)
 
 
 def _settings(pipe: Pipeline, class_label, seed, num_images, steps, guidance, sampler) -> Settings:
+    """Widget values to validated settings: `num_images` images of one class, seeds seed, seed + 1, ..."""
     try:
         n = int(num_images)
         if not 1 <= n <= MAX_IMAGES:
@@ -234,150 +341,188 @@ def _settings(pipe: Pipeline, class_label, seed, num_images, steps, guidance, sa
         raise gr.Error(str(e), print_exception=False) from None
 
 
-def _new_run(model, class_label, seed, num_images, steps, guidance, sampler) -> tuple[Pipeline, Trajectory]:
-    """The model and a fresh trajectory for validated settings; any problem becomes a gr.Error."""
+def _new_run(model, class_label, seed, num_images, steps, guidance, sampler) -> tuple[Pipeline, Run]:
+    """The model and a fresh run for validated settings; any problem becomes a gr.Error."""
     try:
         pipe = MODELS.get(model)
         settings = _settings(pipe, class_label, seed, num_images, steps, guidance, sampler)
+        traj = new_trajectory(pipe, settings)
+    except gr.Error:
+        raise
     except Exception as e:
         raise _gr_error(e) from None
-    return pipe, Trajectory(settings=settings, headers=branch_headers(pipe.config))
+    return pipe, Run(traj=traj, headers=list(traj.meta["headers"]), settings=settings)
 
 
-def _finalise(pipe: Pipeline, traj: Trajectory, x: torch.Tensor) -> list[np.ndarray]:
-    return [np.asarray(im) for im in pipe.to_images(x)]
+def _finish(pipe: Pipeline, run: Run, x: torch.Tensor) -> None:
+    run.traj.final = np.stack([np.asarray(im) for im in pipe.to_images(x)])
 
 
-def _gr_error(e: Exception) -> gr.Error:
-    if isinstance(e, (InputError, CheckpointError, ValueError)):
-        return gr.Error(str(e), print_exception=False)
-    log.exception("generation failed")
-    return gr.Error(
-        "Something went wrong while generating; please try again with other settings.", print_exception=False
-    )
+def _shown(run: Run, frame: Frame, status: str) -> tuple:
+    """The eight Watch outputs for a finished or loaded run, showing `frame`."""
+    return (render(run, frame), final_images(run), status, run, slider_for(run, frame.step), *plots(run, frame.step))
 
 
 @gpu
-def generate(
-    class_label, seed, steps, guidance, sampler, num_images=4, model=DEFAULT_MODEL, traj: Trajectory | None = None
-):
-    """Stream every step: (panels, final images, status, trajectory state, slider, plots)."""
-    pipe, traj = _new_run(model, class_label, seed, num_images, steps, guidance, sampler)
-    settings = traj.settings
+def generate(class_label, seed, steps, guidance, sampler, num_images=4, model=DEFAULT_MODEL):
+    """Stream every step: (panels, final images, status, run, slider, schedule, settling, additions)."""
+    pipe, run = _new_run(model, class_label, seed, num_images, steps, guidance, sampler)
     t0 = time.perf_counter()
     last_emit = 0.0
-    state = None
+    state = frame = None
     try:
-        for state, pv in pipe.stream(settings):
-            if len(traj.previews) < MAX_SESSION_STEPS:
-                traj.previews.append(pv)
+        for state, pv in pipe.stream(run.settings):
+            SAMPLER_STEPS[0] += 1
+            frame = to_frame(state, pv)
+            run.traj.add(state.index, frame)
             now = time.perf_counter()
             if now - last_emit >= STREAM_INTERVAL or state.index + 1 == state.total:
                 last_emit = now
-                yield (
-                    render(traj, len(traj.previews) - 1),
-                    None,
-                    status_text(pv, settings, now - t0),
-                    traj,
-                    gr.update(),
-                    gr.update(),
-                    gr.update(),
-                )
-        assert state is not None
-        traj.final = _finalise(pipe, traj, state.x)
+                status = status_text(frame, run.traj.total, now - t0)
+                yield (render(run, frame), None, status, run, *([gr.update()] * 4))
+        assert state is not None and frame is not None
+        _finish(pipe, run, state.x)
     except Exception as e:
         raise _gr_error(e) from None
-    n = len(traj.previews)
     total = time.perf_counter() - t0
-    status = status_text(traj.previews[-1], settings, total) + f" · done: {len(settings.seeds)} images in {total:.2f} s"
-    yield (
-        render(traj, n - 1),
-        traj.final,
-        status,
-        traj,
-        gr.update(minimum=1, maximum=max(n, 2), value=n, step=1, interactive=n > 1),
-        schedule_plot(traj, n - 1),
-        change_plot(traj),
-    )
+    kept = len(run.traj.frames)
+    note = f" · {kept} of {run.traj.total} steps kept to replay" if kept < run.traj.total else ""
+    status = status_text(frame, run.traj.total, total) + f" · done: {len(run.settings.seeds)} images in {total:.2f} s{note}"
+    yield _shown(run, run.traj.frames[-1], status)
 
 
-def scrub(step, traj: Trajectory | None):
-    if traj is None or not traj.previews:
-        return gr.update(), "Generate first, then scrub the trajectory.", gr.update()
-    i = int(min(max(int(step or 1), 1), len(traj.previews))) - 1
-    status = status_text(traj.previews[i], traj.settings)
-    if i == len(traj.previews) - 1 and traj.final:  # the slider also moves when a run ends: keep saying so
+def scrub(step, run: Run | None):
+    """Show the kept step at or before `step`: (panels, status, schedule, settling, additions)."""
+    if run is None or not run.traj.frames:
+        return gr.update(), "Generate first, then scrub the trajectory.", *([gr.update()] * 3)
+    traj = run.traj
+    frame = traj.frames[traj.position(int(step or 1))]
+    status = status_text(frame, traj.total)
+    if frame is traj.frames[-1] and traj.finished:
         status += " · done"
-    return render(traj, i), status, schedule_plot(traj, i)
+    return render(run, frame), status, *plots(run, frame.step)
 
 
-def play_tick(step, traj: Trajectory | None):
-    """Advance the slider one step (Play); stops the timer at the end."""
-    if traj is None or not traj.previews:
+def next_step(step, run: Run | None) -> int | None:
+    """The kept step after `step`, or None at the end."""
+    if run is None:
+        return None
+    later = [f.step for f in run.traj.frames if f.step > int(step or 0)]
+    return later[0] if later else None
+
+
+def play(step, run: Run | None, fps):
+    """Start replaying: from the first step when the slider stands at the last one."""
+    if run is None or len(run.traj.frames) < 2:
         return gr.update(), gr.Timer(active=False)
-    nxt = int(step or 0) + 1
-    if nxt > len(traj.previews):
+    start = int(step or 1)
+    if next_step(start, run) is None:
+        start = run.traj.frames[0].step
+    return gr.update(value=start), gr.Timer(value=1.0 / float(fps or 4), active=True)
+
+
+def play_tick(step, run: Run | None):
+    """Advance the slider to the next kept step; stop the timer at the end."""
+    nxt = next_step(step, run)
+    if nxt is None:
         return gr.update(), gr.Timer(active=False)
     return gr.update(value=nxt), gr.Timer(active=True)
 
 
+def set_speed(fps, active: bool = False):
+    return gr.Timer(value=1.0 / float(fps or 4))
+
+
 @gpu
 def step_start(class_label, seed, steps, guidance, sampler, num_images, model):
-    """Educator step mode: prepare a paused sampler for this session; nothing is computed yet."""
-    pipe, traj = _new_run(model, class_label, seed, num_images, steps, guidance, sampler)
-    settings = traj.settings
-    traj.stepper = (pipe, pipe.stream(settings))
-    return (
-        traj,
-        f"Step mode ready: {settings.steps} steps of {settings.sampler}. Press **Next step**.",
-        None,
-        gr.update(interactive=True),
+    """Step mode: a paused sampler for this session (nothing computed yet) and the whole planned schedule."""
+    pipe, run = _new_run(model, class_label, seed, num_images, steps, guidance, sampler)
+    run.stepper = pipe.stream(run.settings)
+    run.measures["pipe"] = pipe
+    msg = (
+        f"Step mode ready: {run.traj.total} steps of {run.settings.sampler}, all {run.traj.total} planned on the "
+        "schedule plot. Press **Next step**."
     )
+    return run, msg, None, gr.update(interactive=True), schedule_plot(run.traj, 1)
 
 
 @gpu
-def step_next(traj: Trajectory | None):
-    if traj is None or traj.stepper is None:
+def step_next(run: Run | None):
+    """One solver update: (panels, final, status, run, slider, schedule, settling, additions, next button)."""
+    if run is None or run.stepper is None:
         raise gr.Error("Start step mode first.", print_exception=False)
-    pipe, it = traj.stepper
     try:
-        state, pv = next(it)
+        state, pv = next(run.stepper)
     except StopIteration:
-        traj.stepper = None
+        run.stepper = None
         raise gr.Error("The sampler has finished; start again for a new run.", print_exception=False) from None
     except Exception as e:
         raise _gr_error(e) from None
-    traj.previews.append(pv)
-    n = len(traj.previews)
+    SAMPLER_STEPS[0] += 1
+    frame = to_frame(state, pv)
+    run.traj.add(state.index, frame)
     done = state.index + 1 == state.total
-    final = None
     if done:
-        traj.final = _finalise(pipe, traj, state.x)
-        traj.stepper = None
-        final = traj.final
-    status = status_text(pv, traj.settings) + (" · finished" if done else " · paused")
-    return (
-        render(traj, n - 1),
-        final,
-        status,
-        traj,
-        gr.update(minimum=1, maximum=max(n, 2), value=n, step=1, interactive=n > 1),
-        schedule_plot(traj, n - 1),
-        change_plot(traj),
-        gr.update(interactive=not done),
-    )
+        _finish(run.measures.pop("pipe"), run, state.x)
+        run.stepper = None
+    status = status_text(frame, run.traj.total) + (" · finished" if done else " · paused")
+    sched, settle, adds = plots(run, frame.step) if done else (schedule_plot(run.traj, frame.step), gr.update(), gr.update())
+    return (render(run, frame), final_images(run), status, run, slider_for(run, frame.step), sched, settle, adds,
+            gr.update(interactive=not done))
 
 
-def export_gif(traj: Trajectory | None):
-    if traj is None or not traj.previews:
-        raise gr.Error("Generate first; the GIF shows the trajectory of the last run.", print_exception=False)
-    frames = [render(traj, i) for i in range(len(traj.previews))]
-    folder = EXPORTS
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("trajectory-*.gif"):  # bounded disk use: drop exports older than an hour
+# Events: Runs (export and load)
+
+
+def _export_path(run: Run, suffix: str) -> Path:
+    EXPORTS.mkdir(parents=True, exist_ok=True)
+    for old in EXPORTS.glob("trajectory-*"):  # bounded disk use: drop exports older than an hour
         if time.time() - old.stat().st_mtime > 3600:
             old.unlink(missing_ok=True)
-    return str(save_gif(frames, folder / f"trajectory-{traj.id[:8]}.gif", fps=6))
+    return EXPORTS / f"trajectory-{run.id[:8]}{suffix}"
+
+
+def _require_finished(run: Run | None, what: str) -> Run:
+    if run is None or not run.traj.frames or not run.traj.finished:
+        raise gr.Error(f"Generate (or load) a run first; the {what} shows the last finished run.", print_exception=False)
+    return run
+
+
+def export_gif(run: Run | None) -> str:
+    """The kept trajectory as an animated GIF (shown on the page, downloadable)."""
+    run = _require_finished(run, "GIF")
+    return str(save_gif([render(run, f) for f in run.traj.frames], _export_path(run, ".gif"), fps=6))
+
+
+def export_mp4(run: Run | None) -> str:
+    """The kept trajectory as an H.264 MP4."""
+    run = _require_finished(run, "MP4")
+    try:
+        return str(save_mp4([render(run, f) for f in run.traj.frames], _export_path(run, ".mp4"), fps=6))
+    except Exception as e:
+        raise _gr_error(e) from None
+
+
+def export_bundle(run: Run | None) -> str:
+    """The kept trajectory as a bundle: one safetensors file that the Runs tab (or /load_bundle) replays."""
+    run = _require_finished(run, "bundle")
+    return str(save_bundle(run.traj, _export_path(run, ".safetensors")))
+
+
+def load_run(path) -> tuple:
+    """Replay a bundle without the model: the eight Watch outputs."""
+    if not path:
+        raise gr.Error("Choose a trajectory bundle (.safetensors) to load.", print_exception=False)
+    try:
+        traj = load_bundle(path, budget_bytes=int(TRAJECTORY_MB * 2**20))
+    except BundleError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    headers = traj.meta.get("headers")
+    if not (isinstance(headers, list) and all(isinstance(h, str) for h in headers)):
+        headers = ["x_t"] + [f"branch {k}" for k in range(len(traj.frames[0].branches))]
+    run = Run(traj=traj, headers=[h[:40] for h in headers])
+    status = status_text(traj.frames[-1], traj.total) + f" · loaded run of {str(run.model)[:60] or 'an unnamed model'} · done"
+    return _shown(run, traj.frames[-1], status)
 
 
 def on_model_change(model):
@@ -389,36 +534,494 @@ def on_model_change(model):
     return gr.update(choices=names, value=names[0])
 
 
-# ---------------------------------------------------------------- layout
+# Events: Experiments
+
+EXPERIMENTS = ("swap-coarse", "freeze-coarse", "branch-guidance")
+
+
+def _int_in(value, name: str, lo: int, hi: int) -> int:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{name} must be an integer, got {value!r}", print_exception=False) from None
+    if not math.isfinite(v) or not v.is_integer() or not lo <= v <= hi:
+        raise gr.Error(f"{name} must be an integer in [{lo}, {hi}], got {value!r}", print_exception=False)
+    return int(v)
+
+
+def parse_weights(text, branches: int) -> tuple[float, ...]:
+    """'4, 1, 1' -> (4.0, 1.0, 1.0): one guidance weight per branch, coarse to fine."""
+    try:
+        ws = tuple(float(w) for w in str(text).replace(";", ",").split(",") if w.strip())
+    except ValueError:
+        raise gr.Error(f"branch weights must be numbers separated by commas, got {text!r}", print_exception=False) from None
+    if len(ws) != branches or not all(math.isfinite(w) and 0 <= w <= 20 for w in ws):
+        raise gr.Error(f"branch weights: give {branches} numbers in [0, 20], coarse to fine; got {text!r}", print_exception=False)
+    return ws
+
+
+def _final_x(pipe: Pipeline, settings: Settings, intervention=None) -> torch.Tensor:
+    state = None
+    extra = {} if intervention is None else {"intervention": intervention}
+    for state, _ in pipe.stream(settings, previews=False, **extra):  # noqa: B007 - the last state
+        SAMPLER_STEPS[0] += 1
+    assert state is not None
+    return state.x
+
+
+def _band_report(pipe: Pipeline, pairs: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]) -> str:
+    """For pixel models: per band, ||band(x) - band(ref)|| / ||band(ref) - band(other)|| for each pair."""
+    if pipe.config.autoencoder is not None or pipe.config.architecture != "dimr":
+        return ""
+    grids = [b.grid for b in pipe.config.branches]
+    names = band_names(grids)
+    lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, x, ref, scale_ref in pairs:
+        bx, br, bs = (band_split(v.float().cpu(), grids) for v in (x, ref, scale_ref))
+        vals = [float((a - b).norm() / (b - c).norm().clamp_min(1e-8)) for a, b, c in zip(bx, br, bs)]
+        lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def _experiment_pipe(model) -> Pipeline:
+    try:
+        pipe = MODELS.get(model)
+    except Exception as e:
+        raise _gr_error(e) from None
+    if pipe.config.architecture != "dimr" or len(pipe.config.branches) < 2:
+        raise gr.Error("Experiments need a multi-branch DiMR model (not the single-resolution baseline).", print_exception=False)
+    return pipe
+
+
+def _swap(pipe, a: Settings, other_class, other_seed, k: int):
+    n = len(a.seeds)
+    b = _settings(pipe, other_class if other_class not in (None, "") else a.labels[0], other_seed, n, a.steps, a.guidance, a.sampler)
+    seeds, labels, swap = plan_swap(a.seeds, a.labels, b.seeds, b.labels, from_step=k)
+    x = _final_x(pipe, replace(a, seeds=tuple(seeds), labels=tuple(labels)), swap)
+    xa, xb, xh = x[:n], x[n : 2 * n], x[2 * n :]
+    rows = [("A", xa), ("B", xb), ("hybrid: B with A's coarse branch", xh)]
+    table = _band_report(pipe, [("hybrid vs A", xh, xa, xb), ("hybrid vs B", xh, xb, xa)])
+    note = "Distance of the hybrid's bands to A's and to B's, in units of the A-B distance (0 = the same)."
+    return rows, table, note
+
+
+def _freeze(pipe, a: Settings, k: int, zero: bool):
+    plain = _final_x(pipe, a)
+    frozen = _final_x(pipe, a, FreezeCoarse(from_step=k, zero=bool(zero)))
+    what = "zeroed" if zero else f"frozen at step {k + 1}"
+    table = _band_report(pipe, [(f"coarse features {what}", frozen, plain, torch.zeros_like(plain))])
+    note = "Each band's distance to the plain run, relative to the plain run's band (0 = unchanged)."
+    return [("plain run", plain), (f"coarse features {what}", frozen)], table, note
+
+
+def _branch_guidance(pipe, a: Settings, weights):
+    ws = parse_weights(weights, len(pipe.config.branches))
+    plain = _final_x(pipe, a)
+    guided = _final_x(pipe, a, BranchGuidance(weights=ws))
+    label = "weights " + ", ".join(f"{w:g}" for w in ws)
+    table = _band_report(pipe, [(label, guided, plain, torch.zeros_like(plain))])
+    note = f"Each band's distance to ordinary guidance (w = {a.guidance:g}), relative to its band."
+    return [(f"ordinary guidance w = {a.guidance:g}", plain), (label, guided)], table, note
+
+
+@gpu
+def run_experiment(
+    experiment, class_label, seed, steps, guidance, sampler, num_images=2, model=DEFAULT_MODEL,
+    other_seed=1, other_class=None, from_step=1, branch_weights="4, 1, 1", zero=False,
+):
+    """One experiment on the branches beside the plain run at the same seed: (sheet, summary)."""
+    if experiment not in EXPERIMENTS:
+        raise gr.Error(f"experiment must be one of {', '.join(EXPERIMENTS)}, got {experiment!r}", print_exception=False)
+    pipe = _experiment_pipe(model)
+    n = _int_in(num_images, "number of images", 1, 4)
+    a = _settings(pipe, class_label, seed, n, steps, guidance, sampler)
+    k = _int_in(from_step, "from step", 1, a.steps) - 1
+    t0 = time.perf_counter()
+    try:
+        if experiment == "swap-coarse":
+            rows, table, note = _swap(pipe, a, other_class, other_seed, k)
+        elif experiment == "freeze-coarse":
+            rows, table, note = _freeze(pipe, a, k, zero)
+        else:
+            rows, table, note = _branch_guidance(pipe, a, branch_weights)
+        sheet = labelled_rows([(label, to_uint8(pipe.decoder(x).clamp(-1, 1))) for label, x in rows], DISPLAY)
+    except gr.Error:
+        raise
+    except Exception as e:
+        raise _gr_error(e) from None
+    summary = f"**{experiment}** · {time.perf_counter() - t0:.1f} s\n\n" + (f"{note}\n\n{table}" if table else "")
+    return sheet, summary
+
+
+# Events: Inside the network
+
+
+def _run_model(run: Run | None) -> tuple[Run, Pipeline]:
+    if run is None or not run.traj.frames:
+        raise gr.Error("Generate (or load) a run first: the views inside the network read its steps.", print_exception=False)
+    try:
+        return run, MODELS.get(run.model)
+    except Exception as e:
+        raise _gr_error(e) from None
+
+
+def attention(step, layer, head, run: Run | None):
+    """The class token's attention over the coarse grid at a kept step: (heat maps, caption)."""
+    run, pipe = _run_model(run)
+    frame = run.traj.frames[run.traj.position(int(step or 1))]
+    labels = run.traj.meta.get("settings", {}).get("labels")
+    if not isinstance(labels, list) or len(labels) != frame.x.shape[0]:
+        raise gr.Error("This run does not record its classes; generate it again.", print_exception=False)
+    N = pipe.config.schedule.num_steps
+    t = torch.full((frame.x.shape[0],), max(frame.t, 1.0 / N) * N)
+    try:
+        probs = class_token_attention(pipe.model, frame.x.float().to(pipe.device), t.to(pipe.device), torch.tensor(labels, device=pipe.device))
+    except Exception as e:
+        raise _gr_error(e) from None
+    L, H = probs.shape[1], probs.shape[2]
+    li = _int_in(layer, "layer", 1, L) - 1
+    maps = probs[:, li].mean(1) if head in (None, "", "mean") else probs[:, li, _int_in(head, "head", 1, H) - 1]
+    sheet = attention_sheet(frame.x_t.float(), frame.branches[-1].float(), maps, DISPLAY)
+    which = "mean over heads" if head in (None, "", "mean") else f"head {head}"
+    peak = float(maps.flatten(1).max(1).values.mean())
+    caption = (
+        f"step {frame.step} / {run.traj.total} · layer {li + 1} of {L} · {which}: how much the class token attends to each "
+        f"cell of the {maps.shape[-1]}x{maps.shape[-1]} grid (white 0, red = the map's maximum; mean maximum {peak:.3f})"
+    )
+    return sheet, caption
+
+
+TDLN_VIEWS = ("scales (RMS over channels)", "mixing gates s(t)")
+
+
+def tdln(model, step=None, run: Run | None = None, view: str = TDLN_VIEWS[0]):
+    """The time-dependent norms of a model as functions of t, with the current step's t marked."""
+    if view not in TDLN_VIEWS:
+        raise gr.Error(f"view must be one of {', '.join(TDLN_VIEWS)}, got {view!r}", print_exception=False)
+    try:
+        pipe = MODELS.get(model)
+        curves = td_norm_curves(pipe.model)
+    except Exception as e:
+        raise _gr_error(e) from None
+    df = tdln_frame(curves, gates=view == TDLN_VIEWS[1])
+    if run is not None and run.traj.frames and run.model == pipe.name:
+        t = run.traj.frames[run.traj.position(int(step or 1))].t
+        lo, hi = float(df["value"].min()), float(df["value"].max())
+        df = pd.concat([df, pd.DataFrame([{"t": t, "value": v, "series": "current step"} for v in (lo, hi)])], ignore_index=True)
+    return df
+
+
+def tdln_frame(curves: TDCurves, gates: bool = False) -> pd.DataFrame:
+    """TD-norm curves as a long table for the line plot: per branch and kind (mean over blocks), the
+    scales and weights (RMS over channels; biases left out) or their mean mixing gates."""
+    by = curves_by_branch(curves)
+    rows = []
+    for i, name in enumerate(by.names):
+        if by.kind[i].endswith("bias"):
+            continue
+        values = by.gates[i] if gates else by.values[i]
+        rows += [{"t": float(t), "value": float(v), "series": name} for t, v in zip(by.t, values)]
+    return pd.DataFrame(rows)
+
+
+# Events: Compare
+
+BASELINE = os.environ.get("MRDIT_BASELINE", "baseline-emoji-32")
+
+
+def _compare_pipes(model) -> tuple[Pipeline, Pipeline]:
+    try:
+        dimr, base = MODELS.get(model), MODELS.get(BASELINE)
+    except Exception as e:
+        raise _gr_error(e) from None
+    if dimr.config.architecture != "dimr":
+        raise gr.Error("Pick a DiMR model in the Model box to compare it with the baseline.", print_exception=False)
+    same = dimr.class_names == base.class_names and dimr.config.image_size == base.config.image_size
+    if not same:
+        raise gr.Error(f"The baseline {BASELINE} is trained on other data; compare it with an emoji model of its size.", print_exception=False)
+    return dimr, base
+
+
+def training_line(pipe: Pipeline) -> str:
+    """Parameters and optimiser steps of a shipped model, from its weights and run_info.json."""
+    params = sum(p.numel() for p in pipe.model.parameters())
+    try:
+        info = json.loads((resolve_model(pipe.name) / "run_info.json").read_text())
+    except (OSError, ValueError, InputError):
+        info = {}
+    steps = lineage_steps(info)
+    trained = f", {steps:,} optimiser steps" if steps else ""
+    return f"`{pipe.name}`: {params:,} parameters{trained}"
+
+
+def lineage_steps(info) -> int:
+    """Optimiser steps of a model and of every run it was fine-tuned or grown from (run_info "source")."""
+    if not isinstance(info, dict):
+        return 0
+    step = info.get("step", 0)
+    own = step if isinstance(step, int) and not isinstance(step, bool) and step > 0 else 0
+    return own + lineage_steps(info.get("source"))
+
+
+@gpu
+def compare(class_label, seed, steps, guidance, sampler, num_images=2, model=DEFAULT_MODEL):
+    """DiMR and the baseline on the same class, seeds and sampler: (sheet, status, state, slider)."""
+    dimr, base = _compare_pipes(model)
+    n = _int_in(num_images, "number of images", 1, 4)
+    runs = []
+    for pipe in (dimr, base):
+        s = _settings(pipe, class_label, seed, n, steps, guidance, sampler)
+        run = Run(traj=new_trajectory(pipe, s), headers=[], settings=s)
+        run.traj.budget_bytes //= 2
+        try:
+            for state, pv in pipe.stream(s):
+                SAMPLER_STEPS[0] += 1
+                run.traj.add(state.index, to_frame(state, pv))
+        except Exception as e:
+            raise _gr_error(e) from None
+        runs.append(run)
+    status = (
+        f"DiMR {training_line(dimr)} · baseline {training_line(base)}. Not matched in size or training: "
+        "this shows the two designs side by side, not which is better."
+    )
+    last = runs[0].traj.frames[-1].step
+    return compare_sheet(runs, last), status, runs, gr.update(minimum=1, maximum=max(last, 2), value=last, interactive=True)
+
+
+def compare_sheet(runs: list[Run], step: int) -> np.ndarray:
+    frames = [r.traj.frames[r.traj.position(step)] for r in runs]
+    groups = [("DiMR", frames[0]), ("baseline", frames[1])]
+    return side_by_side([(name, f.x_t.float(), [b.float() for b in f.branches]) for name, f in groups], DISPLAY)
+
+
+def compare_scrub(step, runs):
+    if not runs:
+        return gr.update()
+    return compare_sheet(runs, int(step or 1))
+
+
+# Layout
 
 INTRO = """# mrdit: watch a multi-resolution diffusion model think
 **DiMR** runs a *transformer* on a coarse grid and *convolutional branches* on grids twice as fine, each
-making its own prediction. Below, every solver step shows the noisy image **x_t** and **each branch's
-own estimate of the clean image at its own resolution**, coarse to fine: the coarse branch settles the
-layout early, the fine branches add detail later."""
+making its own prediction. Every solver step below shows the noisy image **x_t** and **each branch's
+own estimate of the clean image at its own resolution**, coarse to fine."""
+
+FINDINGS = """**What the measure shows.** MEASURED"""
 
 EXPLAIN = """**Reading the panels.** *x_t* is the current noisy image the sampler holds. A *branch* is one
 resolution of the network; its panel is that branch's estimate of the finished image (its noise
 prediction turned into x0 = (x_t - sigma eps) / alpha, at its own grid). *branch k added* is the finer
-estimate minus the coarser one upsampled: red where the finer branch brightened, blue where it darkened.
-**Guidance** w mixes the class-conditional and unconditional predictions as eps_u + w (eps_c - eps_u):
-w = 1 is off, larger w follows the class more strongly (the paper's "0.4" is w = 1.4)."""
+estimate minus the coarser one enlarged: red where the finer branch brightened, blue where it darkened
+(full colour = 1, a quarter of the image range). **Guidance** w mixes the class-conditional and
+unconditional predictions as eps_u + w (eps_c - eps_u): w = 1 is off, larger w follows the class more
+strongly (the paper's "0.4" is w = 1.4).
+
+**The coarse-to-fine measure.** Each estimate and the final image are split into frequency bands on the
+model's own grids: the *layout* visible at the coarsest grid, then each band of detail between one grid
+and the next, finer one. *When each band settles*: per step, how far each band of the current estimate
+still is from the final image's (1 = as far as an empty image, 0.1 = within 10%). *What each finer
+branch adds*: the share of a branch's addition that lies in the band its coarser neighbour cannot hold
+(1 = only new detail, 0 = it only corrects the coarser layout)."""
 
 FOOTER = """Model: DiMR, Q. Liu et al., *Alleviating Distortion in Image Generation via Multi-Resolution Diffusion
 Models*, NeurIPS 2024 (arXiv:2406.09416). Emoji training data: **Twemoji** by Twitter, Inc. and other
 contributors (CC-BY 4.0), **Noto Emoji** by Google (Apache-2.0), **Fluent Emoji** by Microsoft (MIT)."""
 
+CARDS = {
+    "swap-coarse": (
+        "**Swap the coarse branch.** Does the layout come from the coarse branch? Run B again, but hand its "
+        "finer branches the coarse features that A's transformer computed for A's own x_t.",
+        "Look at the hybrid: if its layout is A's and its fine detail B's, the coarse branch decides the layout.",
+    ),
+    "freeze-coarse": (
+        "**Freeze the coarse branch.** What does the coarse branch still contribute late in sampling? From "
+        "step k on, the finer branches get the coarse features of step k (or zeros).",
+        "Freezing late changes little if the coarse branch has already said what it has to say.",
+    ),
+    "branch-guidance": (
+        "**Guidance per branch.** Where is the class decided? Classifier-free guidance with one weight per "
+        "branch: each branch's hand-off (and the finest branch's prediction) is extrapolated by its own w.",
+        "Ordinary guidance with w is `1, ..., 1, w`; `4, 1, 1` guides only the coarse features.",
+    ),
+}
+
 CSS = """
-#panels img { image-rendering: pixelated; }
+#panels img, #exp_sheet img, #att_sheet img, #cmp_sheet img { image-rendering: pixelated; }
 #final .thumbnail-item img { image-rendering: pixelated; }
 """
 
 
+def _controls(choices: list[str], default: str, names: list[str]) -> dict:
+    """The shared control column: model, class, seed, images, steps, guidance, sampler, run buttons."""
+    c = {}
+    c["model"] = gr.Dropdown(
+        choices, value=default, label="Model", allow_custom_value=True,
+        info="shipped weights, a Hub repo id (user/model), or the authors' ImageNet models",
+    )
+    c["class_label"] = gr.Dropdown(names, value=names[0] if names else None, label="Class", allow_custom_value=True)
+    with gr.Row():
+        c["seed"] = gr.Number(0, label="Seed", precision=0, minimum=0, scale=3)
+        c["dice"] = gr.Button("Random", scale=1, min_width=60)
+    c["num_images"] = gr.Slider(1, 8, value=4, step=1, label="Images")
+    c["steps"] = gr.Slider(1, 1000, value=25, step=1, label="Steps", elem_id="steps_ctl")
+    c["guidance"] = gr.Slider(1.0, 8.0, value=DEFAULT_GUIDANCE, step=0.1, label="Guidance w  (eps_u + w·(eps_c − eps_u); 1 = off)")
+    c["sampler"] = gr.Dropdown(
+        list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler",
+        info="dpm++2m-sde: default, stochastic, sharper classes · dpm++2m: deterministic, most varied · dpm-fast: the release's · ddim / ddpm: the classics",
+    )
+    with gr.Row():
+        c["run"] = gr.Button("Generate", variant="primary")
+        c["stop"] = gr.Button("Stop", variant="stop")
+    gr.Markdown("**Step mode** (for teaching): one solver step per click.")
+    with gr.Row():
+        c["step_begin"] = gr.Button("Start step mode")
+        c["step_btn"] = gr.Button("Next step", interactive=False)
+    return c
+
+
+def _watch_tab() -> dict:
+    w = {}
+    w["status"] = gr.Markdown("Press **Generate** to watch the branches refine the image.", elem_id="status")
+    gr.Markdown(
+        "One row per image: the noisy **x_t**, then **each branch's estimate**, coarse to fine, then **what each "
+        "finer branch added** (red brighter, blue darker). Branch 0 is the transformer on the coarsest grid; the "
+        "finer branches are convolutional."
+    )
+    w["panels"] = gr.Image(label="Panels", show_label=False, elem_id="panels", format="png", interactive=False, buttons=["download"])
+    with gr.Row():
+        w["slider"] = gr.Slider(1, 2, value=1, step=1, label="Step", interactive=False, scale=4, elem_id="step_slider")
+        w["play"] = gr.Button("Play", scale=1, min_width=60)
+        w["pause"] = gr.Button("Pause", scale=1, min_width=60)
+        w["fps"] = gr.Slider(1, 20, value=4, step=1, label="Steps per second", scale=2)
+    w["final"] = gr.Gallery(label="Final images", elem_id="final", columns=8, rows=1, height=200, object_fit="contain")
+    with gr.Row():
+        w["sched"] = gr.LinePlot(x="step", y="log-SNR", color="series", title="Noise schedule: log-SNR after each step", height=240, elem_id="sched_plot")
+        w["settle"] = gr.LinePlot(x="step", y="distance to final", color="band", title="When each band settles (distance to the final image)", height=240, elem_id="settle_plot")
+        w["adds"] = gr.LinePlot(x="step", y="new-detail share", color="branch", title="What each finer branch adds (share of new detail)", height=240, elem_id="adds_plot")
+    gr.Markdown(FINDINGS)
+    gr.Markdown(EXPLAIN)
+    return w
+
+
+def _experiments_tab(names: list[str]) -> dict:
+    e = {}
+    gr.Markdown("Each experiment changes one thing inside the network and shows the result beside the plain run at the same seed (the class, seed, steps, guidance and sampler of the left column; at most 4 images).")
+    e["experiment"] = gr.Radio(list(EXPERIMENTS), value="swap-coarse", label="Experiment")
+    e["question"] = gr.Markdown(CARDS["swap-coarse"][0])
+    with gr.Row():
+        e["other_seed"] = gr.Number(100, label="B: seed", precision=0, minimum=0)
+        e["other_class"] = gr.Dropdown(names, value=names[1] if len(names) > 1 else None, label="B: class", allow_custom_value=True)
+        e["from_step"] = gr.Number(1, label="From step", precision=0, minimum=1)
+        e["weights"] = gr.Textbox("4, 1, 1", label="Guidance per branch (coarse to fine)")
+        e["zero"] = gr.Checkbox(False, label="Zero instead of freeze")
+    e["run"] = gr.Button("Run experiment", variant="primary")
+    e["sheet"] = gr.Image(label="Result", elem_id="exp_sheet", format="png", interactive=False)
+    e["summary"] = gr.Markdown(elem_id="exp_summary")
+    e["hint"] = gr.Markdown(CARDS["swap-coarse"][1])
+    return e
+
+
+def _inside_tab() -> dict:
+    i = {}
+    gr.Markdown("**Attention of the class token.** The transformer prepends a class token to the coarse grid. For a step of the current run, a block (layer) and a head, the heat map shows how strongly the class token attends to each grid cell, over x_t and over the finest estimate.")
+    with gr.Row():
+        i["step"] = gr.Slider(1, 2, value=1, step=1, label="Step")
+        i["layer"] = gr.Slider(1, 8, value=1, step=1, label="Layer (block)")
+        i["head"] = gr.Dropdown(["mean"] + [str(h) for h in range(1, 17)], value="mean", label="Head")
+    i["show"] = gr.Button("Show attention")
+    i["sheet"] = gr.Image(label="Class-token attention", elem_id="att_sheet", format="png", interactive=False)
+    i["caption"] = gr.Markdown()
+    gr.Markdown("**Time-dependent norms.** DiMR's only time input: every norm's scale (and shift) is a learnt blend of two values, gated by t. The plot shows, per branch, the RMS over channels of each kind of norm parameter as a function of t, with the current step's t marked.")
+    with gr.Row():
+        i["tdln_view"] = gr.Radio(list(TDLN_VIEWS), value=TDLN_VIEWS[0], label="Show")
+        i["tdln_btn"] = gr.Button("Plot the norms of the current model")
+    i["tdln"] = gr.LinePlot(x="t", y="value", color="series", title="Time-dependent norm parameters over t", height=300)
+    return i
+
+
+def _compare_tab() -> dict:
+    c = {}
+    gr.Markdown(f"**DiMR beside a single-resolution model.** The same class, seeds, sampler, steps and guidance through the selected DiMR model and the single-resolution baseline `{BASELINE}` (one transformer on a 16x16 patch grid with a linear unpatchify head), step by step.")
+    c["run"] = gr.Button("Run both", variant="primary")
+    c["status"] = gr.Markdown()
+    c["sheet"] = gr.Image(label="DiMR | baseline", elem_id="cmp_sheet", format="png", interactive=False)
+    c["slider"] = gr.Slider(1, 2, value=1, step=1, label="Step", interactive=False)
+    c["state"] = gr.State(None)
+    return c
+
+
+def _runs_tab() -> dict:
+    r = {}
+    gr.Markdown(f"Keep a run: export its trajectory as an animation or as a **bundle** (one safetensors file with x_t and every branch's estimate at every kept step, and the settings), and load a bundle back to replay it in Watch without the model. Bundles up to {MAX_BUNDLE_BYTES >> 20} MiB.")
+    with gr.Row():
+        r["gif_btn"] = gr.Button("Export GIF")
+        r["mp4_btn"] = gr.Button("Export MP4")
+        r["bundle_btn"] = gr.Button("Export bundle")
+    r["gif"] = gr.Image(label="Trajectory animation", type="filepath", interactive=False, elem_id="gif_view")
+    with gr.Row():
+        r["mp4"] = gr.Video(label="Trajectory MP4", interactive=False)
+        r["bundle"] = gr.File(label="Trajectory bundle", interactive=False, elem_id="bundle_file")
+    r["upload"] = gr.File(label="Load a bundle", file_types=[".safetensors"], type="filepath", elem_id="bundle_upload")
+    r["load_status"] = gr.Markdown()
+    return r
+
+
+def _wire_watch(c: dict, w: dict, run, timer) -> None:
+    inputs = [c["class_label"], c["seed"], c["steps"], c["guidance"], c["sampler"], c["num_images"], c["model"]]
+    watch_out = [w["panels"], w["final"], w["status"], run, w["slider"], w["sched"], w["settle"], w["adds"]]
+    gen_event = c["run"].click(generate, inputs, watch_out, api_name="generate", concurrency_limit=2, show_progress="hidden")
+    c["stop"].click(None, None, None, cancels=[gen_event], api_visibility="private")
+    c["dice"].click(lambda: int(np.random.default_rng().integers(0, 2**31 - 1)), None, c["seed"], api_visibility="private", queue=False)
+    w["slider"].change(scrub, [w["slider"], run], [w["panels"], w["status"], w["sched"], w["settle"], w["adds"]], api_name="scrub", show_progress="hidden")
+    w["play"].click(play, [w["slider"], run, w["fps"]], [w["slider"], timer], api_visibility="private", queue=False)
+    w["pause"].click(lambda: gr.Timer(active=False), None, timer, api_visibility="private", queue=False)
+    w["fps"].change(set_speed, w["fps"], timer, api_visibility="private", queue=False)
+    timer.tick(play_tick, [w["slider"], run], [w["slider"], timer], api_visibility="private", show_progress="hidden")
+    c["step_begin"].click(step_start, inputs, [run, w["status"], w["final"], c["step_btn"], w["sched"]], api_name="step_start", show_progress="hidden")
+    c["step_btn"].click(step_next, [run], watch_out + [c["step_btn"]], api_name="step_next", show_progress="hidden")
+    c["model"].change(on_model_change, c["model"], c["class_label"], api_visibility="private")
+
+
+def _wire_experiments(c: dict, e: dict) -> None:
+    e["experiment"].change(lambda x: (CARDS[x][0], CARDS[x][1]), e["experiment"], [e["question"], e["hint"]], api_visibility="private", queue=False)
+    e["run"].click(
+        run_experiment,
+        [e["experiment"], c["class_label"], c["seed"], c["steps"], c["guidance"], c["sampler"], c["num_images"], c["model"],
+         e["other_seed"], e["other_class"], e["from_step"], e["weights"], e["zero"]],
+        [e["sheet"], e["summary"]],
+        api_name="experiment",
+        concurrency_limit=2,
+    )
+    c["model"].change(on_model_change, c["model"], e["other_class"], api_visibility="private")
+
+
+def _wire_inside(c: dict, i: dict, w: dict, run) -> None:
+    i["show"].click(attention, [i["step"], i["layer"], i["head"], run], [i["sheet"], i["caption"]], api_name="attention")
+    i["tdln_btn"].click(tdln, [c["model"], w["slider"], run, i["tdln_view"]], i["tdln"], api_name="tdln")
+    # The attention step follows the Watch slider, so both tabs look at the same step.
+    w["slider"].change(lambda s: gr.update(value=s, maximum=max(int(s or 1), 2)), w["slider"], i["step"], api_visibility="private", queue=False)
+
+
+def _wire_compare(c: dict, k: dict) -> None:
+    inputs = [c["class_label"], c["seed"], c["steps"], c["guidance"], c["sampler"], c["num_images"], c["model"]]
+    k["run"].click(compare, inputs, [k["sheet"], k["status"], k["state"], k["slider"]], api_name="compare", concurrency_limit=2)
+    k["slider"].change(compare_scrub, [k["slider"], k["state"]], k["sheet"], api_visibility="private", show_progress="hidden")
+
+
+def _wire_runs(r: dict, w: dict, run) -> None:
+    r["gif_btn"].click(export_gif, [run], r["gif"], api_name="export_gif", show_progress="minimal")
+    r["mp4_btn"].click(export_mp4, [run], r["mp4"], api_name="export_mp4", show_progress="minimal")
+    r["bundle_btn"].click(export_bundle, [run], r["bundle"], api_name="export_bundle", show_progress="minimal")
+    watch_out = [w["panels"], w["final"], w["status"], run, w["slider"], w["sched"], w["settle"], w["adds"]]
+    r["upload"].upload(load_run, r["upload"], watch_out, api_name="load_bundle").then(
+        lambda: "Loaded: the run replays in **Watch**.", None, r["load_status"], api_visibility="private"
+    )
+
+
 def build_demo(default_model: str | None = None) -> gr.Blocks:
     choices = model_choices()
-    default = default_model or (
-        DEFAULT_MODEL if DEFAULT_MODEL in choices else (choices[0] if choices else DEFAULT_MODEL)
-    )
+    default = default_model or (DEFAULT_MODEL if DEFAULT_MODEL in choices else (choices[0] if choices else DEFAULT_MODEL))
     try:
         names = class_choices(MODELS.get(default))
     except Exception:  # the page still loads; choosing a working model fills the classes
@@ -426,117 +1029,32 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
         names = []
     with gr.Blocks(title="mrdit: multi-resolution diffusion, step by step", delete_cache=(600, 3600)) as demo:
         gr.Markdown(INTRO)
-        traj = gr.State(None)
+        run = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
-                model = gr.Dropdown(
-                    choices,
-                    value=default,
-                    label="Model",
-                    allow_custom_value=True,
-                    info="shipped weights, a Hub repo id (user/model), or the authors' ImageNet models",
-                )
-                class_label = gr.Dropdown(
-                    names, value=names[0] if names else None, label="Class", allow_custom_value=True
-                )
-                with gr.Row():
-                    seed = gr.Number(0, label="Seed", precision=0, minimum=0, scale=3)
-                    dice = gr.Button("Random", scale=1, min_width=60)
-                num_images = gr.Slider(1, 8, value=4, step=1, label="Images")
-                steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
-                guidance = gr.Slider(
-                    1.0, 8.0, value=DEFAULT_GUIDANCE, step=0.1, label="Guidance w  (eps_u + w·(eps_c − eps_u); 1 = off)"
-                )
-                sampler = gr.Dropdown(
-                    list(SAMPLERS),
-                    value=DEFAULT_SAMPLER,
-                    label="Sampler",
-                    info="dpm++2m-sde: default, stochastic, sharper classes · dpm++2m: deterministic, most varied · dpm-fast: the release's · ddim / ddpm: the classics",
-                )
-                with gr.Row():
-                    run = gr.Button("Generate", variant="primary")
-                    stop = gr.Button("Stop", variant="stop")
-                gr.Markdown("**Step mode** (for teaching): one solver step per click.")
-                with gr.Row():
-                    step_begin = gr.Button("Start step mode")
-                    step_btn = gr.Button("Next step", interactive=False)
-            with gr.Column(scale=3):
-                status = gr.Markdown("Press **Generate** to watch the branches refine the image.", elem_id="status")
-                gr.Markdown(
-                    "One row per image: the noisy **x_t**, then **each branch's estimate**, coarse to fine, "
-                    "then **what each finer branch added** (red brighter, blue darker). Branch 0 is the transformer on the "
-                    "coarsest grid; the finer branches are convolutional."
-                )
-                panels = gr.Image(
-                    label="Panels",
-                    show_label=False,
-                    elem_id="panels",
-                    format="png",
-                    interactive=False,
-                    buttons=["download"],
-                )
-                with gr.Row():
-                    slider = gr.Slider(1, 2, value=1, step=1, label="Trajectory step", interactive=False, scale=4)
-                    play = gr.Button("Play", scale=1, min_width=60)
-                    pause = gr.Button("Pause", scale=1, min_width=60)
-                with gr.Row():
-                    gif_btn = gr.Button("Export trajectory as GIF")
-                    gif_file = gr.File(label="Trajectory GIF", interactive=False)
-                final = gr.Gallery(
-                    label="Final images", elem_id="final", columns=8, rows=1, height=200, object_fit="contain"
-                )
-                gr.Markdown(EXPLAIN)
-                with gr.Row():
-                    sched = gr.LinePlot(
-                        x="step", y="log-SNR", color="series", title="Noise schedule: log-SNR at each step", height=240
-                    )
-                    changes = gr.LinePlot(
-                        x="step",
-                        y="change",
-                        color="branch",
-                        title="How much each branch's estimate still changes",
-                        height=240,
-                    )
+                c = _controls(choices, default, names)
+            with gr.Column(scale=3), gr.Tabs():
+                with gr.Tab("Watch"):
+                    w = _watch_tab()
+                with gr.Tab("Experiments"):
+                    e = _experiments_tab(names)
+                with gr.Tab("Inside the network"):
+                    i = _inside_tab()
+                with gr.Tab("Compare"):
+                    k = _compare_tab()
+                with gr.Tab("Runs"):
+                    r = _runs_tab()
         gr.Markdown(FOOTER)
-        timer = gr.Timer(0.4, active=False)
-
-        inputs = [class_label, seed, steps, guidance, sampler, num_images, model]
-        gen_event = run.click(
-            generate,
-            inputs + [traj],
-            [panels, final, status, traj, slider, sched, changes],
-            api_name="generate",
-            concurrency_limit=2,
-            show_progress="hidden",
-        )
-        stop.click(None, None, None, cancels=[gen_event], api_visibility="private")
-        dice.click(
-            lambda: int(np.random.default_rng().integers(0, 2**31 - 1)),
-            None,
-            seed,
-            api_visibility="private",
-            queue=False,
-        )
-        slider.change(scrub, [slider, traj], [panels, status, sched], api_name="scrub", show_progress="hidden")
-        play.click(lambda: gr.Timer(active=True), None, timer, api_visibility="private", queue=False)
-        pause.click(lambda: gr.Timer(active=False), None, timer, api_visibility="private", queue=False)
-        timer.tick(play_tick, [slider, traj], [slider, timer], api_visibility="private", show_progress="hidden")
-        step_begin.click(
-            step_start, inputs, [traj, status, final, step_btn], api_name="step_start", show_progress="hidden"
-        )
-        step_btn.click(
-            step_next,
-            [traj],
-            [panels, final, status, traj, slider, sched, changes, step_btn],
-            api_name="step_next",
-            show_progress="hidden",
-        )
-        gif_btn.click(export_gif, [traj], gif_file, api_name="export_gif", show_progress="minimal")
-        model.change(on_model_change, model, class_label, api_visibility="private")
+        timer = gr.Timer(0.25, active=False)
+        _wire_watch(c, w, run, timer)
+        _wire_experiments(c, e)
+        _wire_inside(c, i, w, run)
+        _wire_compare(c, k)
+        _wire_runs(r, w, run)
     demo.queue(max_size=32, default_concurrency_limit=2)
     return demo
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    build_demo().launch(css=CSS)
+    build_demo().launch(css=CSS, max_file_size=MAX_BUNDLE_BYTES)

@@ -122,27 +122,26 @@ def test_stochastic_sampler_is_offered_and_repeats_per_seed(weights):
 def test_generate_streams_then_scrub_step_mode_and_gif(weights, tmp_path, monkeypatch):
     monkeypatch.setattr(app, "CACHE", tmp_path)
     outs = list(app.generate("heart", 3, 6, 2.0, "dpm++2m", 2, "tiny"))
-    panels, final, status, traj, slider, sched, changes = outs[-1]
+    panels, final, status, run, slider, sched, settle, adds = outs[-1]
     assert len(final) == 2 and final[0].shape == (16, 16, 3)
-    assert "done" in status and len(traj.previews) == 6
-    headers = traj.headers
+    assert "done" in status and len(run.traj.frames) == 6
+    headers = run.headers
     assert headers[:4] == ["x_t (noisy)", "branch 0: 4x4", "branch 1: 8x8", "branch 2: 16x16"]
     # panels: 2 rows (images) x (x_t + 3 branches + 2 additions) at the display size, plus a header
     assert panels.shape[1] >= 6 * app.DISPLAY and panels.shape[0] >= 2 * app.DISPLAY
-    img, st_, _ = app.scrub(2, traj)
+    img, st_, *_ = app.scrub(2, run)
     assert "step 2 / 6" in st_
-    assert set(changes["branch"]) == set(headers[1:4])
-    gif = app.export_gif(traj)
+    gif = app.export_gif(run)
     assert Path(gif).stat().st_size > 0
     # step mode: one solver update per click, state per session object
-    t2, msg, *_ = app.step_start("face", 0, 3, 2.0, "ddim", 1, "tiny")
+    r2, msg, *_ = app.step_start("face", 0, 3, 2.0, "ddim", 1, "tiny")
     for i in range(3):
-        res = app.step_next(t2)
+        res = app.step_next(r2)
         assert f"step {i + 1} / 3" in res[2]
-    assert res[1] is not None and t2.stepper is None
+    assert res[1] is not None and r2.stepper is None
     with pytest.raises(gr.Error):
-        app.step_next(t2)
-    assert len(traj.previews) == 6  # the other session's trajectory is untouched
+        app.step_next(r2)
+    assert len(run.traj.frames) == 6  # the other session's trajectory is untouched
 
 
 def test_live_server_with_gradio_client(weights):
