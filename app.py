@@ -936,7 +936,7 @@ def _inside_tab() -> dict:
     with gr.Row():
         i["tdln_view"] = gr.Radio(list(TDLN_VIEWS), value=TDLN_VIEWS[0], label="Show")
         i["tdln_btn"] = gr.Button("Plot the norms of the current model")
-    i["tdln"] = gr.LinePlot(x="t", y="value", color="series", title="Time-dependent norm parameters over t", height=300)
+    i["tdln"] = gr.LinePlot(x="t", y="value", color="series", title="Time-dependent norm parameters over t", height=300, elem_id="tdln_plot")
     return i
 
 
@@ -944,7 +944,7 @@ def _compare_tab() -> dict:
     c = {}
     gr.Markdown(f"**DiMR beside a single-resolution model.** The same class, seeds, sampler, steps and guidance through the selected DiMR model and the single-resolution baseline `{BASELINE}` (one transformer on a 16x16 patch grid with a linear unpatchify head), step by step.")
     c["run"] = gr.Button("Run both", variant="primary")
-    c["status"] = gr.Markdown()
+    c["status"] = gr.Markdown(elem_id="cmp_status")
     c["sheet"] = gr.Image(label="DiMR | baseline", elem_id="cmp_sheet", format="png", interactive=False)
     c["slider"] = gr.Slider(1, 2, value=1, step=1, label="Step", interactive=False)
     c["state"] = gr.State(None)

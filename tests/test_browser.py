@@ -200,3 +200,32 @@ def test_animation_inline_and_a_bundle_loaded_back_shows_the_same_panels(server,
     expect(other.locator("#status")).to_contain_text("loaded", timeout=60_000)
     expect(other.locator("#status")).to_contain_text("step 25 / 25")
     assert np.array_equal(panel_pixels(other), before)
+
+
+@needs_chromium
+def test_experiments_inside_and_compare_tabs(server, browser):
+    from playwright.sync_api import expect
+
+    page = page_at(browser, server)
+    page.get_by_role("tab", name="Experiments").click()
+    page.get_by_role("button", name="Run experiment").click()
+    expect(page.locator("#exp_summary")).to_contain_text("swap-coarse", timeout=120_000)
+    expect(page.locator("#exp_sheet img")).to_be_visible()
+    assert page.locator("#exp_sheet img").evaluate("img => img.naturalHeight") > 3 * app.DISPLAY  # A, B, hybrid
+    page.get_by_label("freeze-coarse").check()
+    expect(page.get_by_text("Freeze the coarse branch.")).to_be_visible()
+    page.get_by_role("button", name="Run experiment").click()
+    expect(page.locator("#exp_summary")).to_contain_text("freeze-coarse", timeout=120_000)
+
+    generate_and_wait(page, steps=5)
+    page.get_by_role("tab", name="Inside the network").click()
+    page.get_by_role("button", name="Show attention").click()
+    expect(page.locator("#att_sheet img")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("how much the class token attends")).to_be_visible()
+    page.get_by_role("button", name="Plot the norms of the current model").click()
+    expect(page.locator("#tdln_plot canvas, #tdln_plot svg").first).to_be_visible(timeout=60_000)
+
+    page.get_by_role("tab", name="Compare").click()
+    page.get_by_role("button", name="Run both").click()
+    expect(page.locator("#cmp_status")).to_contain_text("baseline", timeout=120_000)
+    expect(page.locator("#cmp_sheet img")).to_be_visible()
