@@ -6,12 +6,15 @@ training loop can fetch by index from a deterministic order (and resume mid-epoc
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
+from .rng import randn_rows
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -133,10 +136,26 @@ class LatentDataset:
         return self.mean.shape[-1]
 
     def batch(
-        self, indices: torch.Tensor, flips: torch.Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        indices: torch.Tensor,
+        flips: torch.Tensor | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         which = flips.long() if flips is not None else torch.zeros(len(indices), dtype=torch.long)
-        mean = self.mean[indices, which]  # (B, C, h, w)
-        std = (0.5 * self.logvar[indices, which]).exp()
-        z = mean + std * torch.randn(mean.shape, generator=generator)
-        return z * self.scale_factor, self.labels[indices]
+        mean, logvar = self.mean[indices, which], self.logvar[indices, which]  # (B, C, h, w)
+        return posterior_sample(mean, logvar, self.scale_factor, generator), self.labels[indices]
+
+
+def posterior_sample(
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    scale_factor: float,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """A scaled draw z = s (mean + exp(logvar / 2) e) from each (B, C, h, w) posterior; the noise e
+    comes from one generator, or row i from `generator[i]` (per-example streams, `mrdit.rng`)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        e = torch.randn(mean.shape, generator=generator)
+    else:
+        e = randn_rows(tuple(mean.shape[1:]), generator)
+    return (mean + (0.5 * logvar).exp() * e) * scale_factor
