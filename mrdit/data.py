@@ -95,6 +95,10 @@ class ImageFolderDataset:
     def load(self, i: int) -> torch.Tensor:
         return center_crop_tensor(Image.open(self.files[i][0]), self.size)
 
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        """Image i (3, S, S) and its label, for a torch DataLoader that decodes in worker processes."""
+        return self.load(i), self.files[i][1]
+
     def batch(
         self, indices: torch.Tensor, flips: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
