@@ -120,9 +120,32 @@ def center_crop_tensor(im: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-class LatentDataset:
-    """Encoded latents as the release stores them: the posterior (mean, logvar) of every image and of
-    its horizontal flip. Each draw samples a fresh latent and multiplies by the scale factor."""
+class PosteriorDataset:
+    """Latent posteriors, the release's way of storing data: `batch` draws a fresh latent from the
+    posterior of each image (or of its flip) and scales it. Subclasses say where the posteriors are
+    (`posteriors`) and hold `labels`, `class_names` and `scale_factor`."""
+
+    labels: torch.Tensor
+    scale_factor: float
+
+    def posteriors(self, indices: torch.Tensor, which: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and logvar (B, C, h, w) of examples `indices`, posterior `which` (0 image, 1 flip)."""
+        raise NotImplementedError
+
+    def batch(
+        self,
+        indices: torch.Tensor,
+        flips: torch.Tensor | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        which = flips.long() if flips is not None else torch.zeros(len(indices), dtype=torch.long)
+        mean, logvar = self.posteriors(indices, which)  # (B, C, h, w) each
+        return posterior_sample(mean, logvar, self.scale_factor, generator), self.labels[indices]
+
+
+class LatentDataset(PosteriorDataset):
+    """Encoded latents in one file, held in memory: the posterior (mean, logvar) of every image and of
+    its horizontal flip (train/encode_latents.py with an OUT ending in .safetensors)."""
 
     def __init__(self, path: str | Path, scale_factor: float) -> None:
         d = load_file(str(path))
@@ -139,15 +162,8 @@ class LatentDataset:
     def image_size(self) -> int:
         return self.mean.shape[-1]
 
-    def batch(
-        self,
-        indices: torch.Tensor,
-        flips: torch.Tensor | None = None,
-        generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        which = flips.long() if flips is not None else torch.zeros(len(indices), dtype=torch.long)
-        mean, logvar = self.mean[indices, which], self.logvar[indices, which]  # (B, C, h, w)
-        return posterior_sample(mean, logvar, self.scale_factor, generator), self.labels[indices]
+    def posteriors(self, indices: torch.Tensor, which: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mean[indices, which], self.logvar[indices, which]
 
 
 def posterior_sample(

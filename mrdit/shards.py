@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_save_safetensors, atomic_write
-from .data import posterior_sample
+from .data import PosteriorDataset
 
 INDEX_NAME = "index.json"
 FORMAT = "mrdit-latent-shards"
@@ -113,8 +113,8 @@ class _Shard:
         return np.frombuffer(raw, dtype=dtype).reshape(count, *inner)
 
 
-class ShardedLatentDataset:
-    """Latent posteriors in shards (see the module docstring), with `LatentDataset`'s `batch`."""
+class ShardedLatentDataset(PosteriorDataset):
+    """Latent posteriors in shards (see the module docstring), read a batch at a time."""
 
     def __init__(self, folder: str | Path, scale_factor: float) -> None:
         self.folder = Path(folder)
@@ -151,26 +151,17 @@ class ShardedLatentDataset:
     def image_size(self) -> int:
         return self.latent_shape[-1]
 
-    def rows(self, name: str, indices: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-        """`name` ("mean" or "logvar") of examples `indices`, posterior `which` (0 image, 1 flip): (B, C, h, w)."""
-        k = torch.searchsorted(self.starts, indices, right=True) - 1
-        out = [
-            self.shards[s].read(self._fd(s), name, 2 * r + w)[0]
-            for s, r, w in zip(k.tolist(), (indices - self.starts[k]).tolist(), which.tolist(), strict=True)
-        ]
-        return torch.from_numpy(np.stack(out)).float()
-
-    def batch(
-        self,
-        indices: torch.Tensor,
-        flips: torch.Tensor | None = None,
-        generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def posteriors(self, indices: torch.Tensor, which: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= len(self)):
             raise IndexError(f"indices out of range for {len(self)} examples")
-        which = flips.long() if flips is not None else torch.zeros(len(indices), dtype=torch.long)
-        mean, logvar = self.rows("mean", indices, which), self.rows("logvar", indices, which)  # (B, C, h, w)
-        return posterior_sample(mean, logvar, self.scale_factor, generator), self.labels[indices]
+        k = torch.searchsorted(self.starts, indices, right=True) - 1  # (B,) shard of each example
+        where = list(zip(k.tolist(), (indices - self.starts[k]).tolist(), which.tolist(), strict=True))
+        return self._rows("mean", where), self._rows("logvar", where)
+
+    def _rows(self, name: str, where: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Tensor `name`'s row (C, h, w) for each (shard, example in it, posterior): (B, C, h, w)."""
+        out = [self.shards[s].read(self._fd(s), name, 2 * r + w)[0] for s, r, w in where]
+        return torch.from_numpy(np.stack(out)).float()
 
     def __del__(self) -> None:
         for fd in getattr(self, "_fds", {}).values():
