@@ -5,7 +5,7 @@
 For each dataset size it writes random posteriors once as shards (mrdit/shards.py) and as one file
 (the in-memory `LatentDataset`), then, for each layout and each rank of `--world`, starts a fresh
 process that draws `--steps` training batches of that rank (`StepBatches`: indices, flips, posterior
-draws, noise) and reports its peak resident memory (ru_maxrss, importing torch included), and its
+draws, noise) and reports its peak resident memory (VmHWM, importing torch included), and its
 resident memory after the imports and at the end. Ranks share nothing, so one process per rank measures what a rank holds.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -28,8 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def peak_mib() -> float:
-    """Peak resident memory of this process so far (ru_maxrss: Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far: VmHWM of /proc/self/status (Linux). Not ru_maxrss,
+    which a process started by a large parent inherits across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def rss_mib() -> float:
