@@ -12,10 +12,11 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
+from PIL import Image
 
 from mrdit import build_model, get_preset
 from mrdit.config import ModelConfig
-from mrdit.data import load_emoji
+from mrdit.data import ImageFolderDataset
 from mrdit.schedule import NoiseSchedule
 from mrdit.training import StepBatches, TrainConfig, load_latest_state, step_batches
 
@@ -94,16 +95,22 @@ def test_two_processes_at_batch_b_train_the_one_process_model_at_2b(tmp_path, em
     assert changed > 0.1
 
 
-def test_ranks_split_the_global_batch_and_workers_prepare_the_same_batches(emoji_data):
-    data = load_emoji(emoji_data, "train", 16)
+def test_ranks_split_the_global_batch_and_workers_prepare_the_same_batches(tmp_path):
+    for c, colour in enumerate([(200, 30, 30), (30, 30, 200)]):  # an image folder: decoded in the workers
+        (tmp_path / f"class{c}").mkdir()
+        for i in range(5):
+            im = Image.new("RGB", (24 + i, 20), (255, 255, 255))
+            im.paste(Image.new("RGB", (8 + i, 20), colour))
+            im.save(tmp_path / f"class{c}" / f"{i}.png")
+    data = ImageFolderDataset(tmp_path, 16)
     schedule = NoiseSchedule(get_preset("tiny").schedule)
     cfg = TrainConfig(batch_size=8, seed=3)
-    whole = StepBatches(data, schedule, 12, cfg)[5]
-    halves = [StepBatches(data, schedule, 12, cfg, rank, 2)[5] for rank in range(2)]
+    whole = StepBatches(data, schedule, 2, cfg)[5]
+    halves = [StepBatches(data, schedule, 2, cfg, rank, 2)[5] for rank in range(2)]
     for full, parts in zip(whole, zip(*halves, strict=True), strict=True):
         assert torch.equal(full, torch.cat(parts))  # each rank draws its examples' own noise, flips and labels
-    plain = list(step_batches(StepBatches(data, schedule, 12, cfg, 1, 2), 2, 6, workers=0))
-    ahead = list(step_batches(StepBatches(data, schedule, 12, cfg, 1, 2), 2, 6, workers=2))
+    plain = list(step_batches(StepBatches(data, schedule, 2, cfg, 1, 2), 2, 6, workers=0))
+    ahead = list(step_batches(StepBatches(data, schedule, 2, cfg, 1, 2), 2, 6, workers=2))
     assert len(plain) == len(ahead) == 4
     for p, q in zip(plain, ahead, strict=True):
         assert all(torch.equal(u, v) for u, v in zip(p, q, strict=True))
