@@ -15,6 +15,7 @@ then streams the chunks, in order, into OUT. `--preset release` is the release's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -89,7 +90,7 @@ def part_done(path: Path, count: int) -> bool:
 
 def draw_chunk(pipe: Pipeline, settings: Settings, plan: Plan, c: int) -> tuple[np.ndarray, np.ndarray]:
     """Chunk c's images (uint8 (n, H, W, 3)) and labels, one seed per image."""
-    chunk = Settings(**{**settings.__dict__, "labels": tuple(plan.labels(c)), "seeds": tuple(plan.seeds(c))})
+    chunk = dataclasses.replace(settings, labels=tuple(plan.labels(c)), seeds=tuple(plan.seeds(c)))
     state = None
     for state, _ in pipe.stream(chunk, previews=False):  # noqa: B007 - the last state is the sample
         pass

@@ -152,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
 
-    dataset = load_dataset(cfg, preset_with_overrides(cfg))
+    try:
+        dataset = load_dataset(cfg, preset_with_overrides(cfg))
+    except (ValueError, OSError) as e:  # a missing or unfinished dataset: say which, without a traceback
+        p.error(f"data: {e}")
     mc = resolve_model_config(cfg, dataset.class_names)
     if dataset.image_size != mc.image_size:
         p.error(f"data image size {dataset.image_size} != model image_size {mc.image_size}")
