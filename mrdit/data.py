@@ -6,12 +6,15 @@ training loop can fetch by index from a deterministic order (and resume mid-epoc
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
+from .rng import randn_rows
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -92,6 +95,10 @@ class ImageFolderDataset:
     def load(self, i: int) -> torch.Tensor:
         return center_crop_tensor(Image.open(self.files[i][0]), self.size)
 
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        """Image i (3, S, S) and its label, for a torch DataLoader that decodes in worker processes."""
+        return self.load(i), self.files[i][1]
+
     def batch(
         self, indices: torch.Tensor, flips: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,9 +120,32 @@ def center_crop_tensor(im: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-class LatentDataset:
-    """Encoded latents as the release stores them: the posterior (mean, logvar) of every image and of
-    its horizontal flip. Each draw samples a fresh latent and multiplies by the scale factor."""
+class PosteriorDataset:
+    """Latent posteriors, the release's way of storing data: `batch` draws a fresh latent from the
+    posterior of each image (or of its flip) and scales it. Subclasses say where the posteriors are
+    (`posteriors`) and hold `labels`, `class_names` and `scale_factor`."""
+
+    labels: torch.Tensor
+    scale_factor: float
+
+    def posteriors(self, indices: torch.Tensor, which: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and logvar (B, C, h, w) of examples `indices`, posterior `which` (0 image, 1 flip)."""
+        raise NotImplementedError
+
+    def batch(
+        self,
+        indices: torch.Tensor,
+        flips: torch.Tensor | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        which = flips.long() if flips is not None else torch.zeros(len(indices), dtype=torch.long)
+        mean, logvar = self.posteriors(indices, which)  # (B, C, h, w) each
+        return posterior_sample(mean, logvar, self.scale_factor, generator), self.labels[indices]
+
+
+class LatentDataset(PosteriorDataset):
+    """Encoded latents in one file, held in memory: the posterior (mean, logvar) of every image and of
+    its horizontal flip (train/encode_latents.py with an OUT ending in .safetensors)."""
 
     def __init__(self, path: str | Path, scale_factor: float) -> None:
         d = load_file(str(path))
@@ -132,11 +162,20 @@ class LatentDataset:
     def image_size(self) -> int:
         return self.mean.shape[-1]
 
-    def batch(
-        self, indices: torch.Tensor, flips: torch.Tensor | None = None, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        which = flips.long() if flips is not None else torch.zeros(len(indices), dtype=torch.long)
-        mean = self.mean[indices, which]  # (B, C, h, w)
-        std = (0.5 * self.logvar[indices, which]).exp()
-        z = mean + std * torch.randn(mean.shape, generator=generator)
-        return z * self.scale_factor, self.labels[indices]
+    def posteriors(self, indices: torch.Tensor, which: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mean[indices, which], self.logvar[indices, which]
+
+
+def posterior_sample(
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    scale_factor: float,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """A scaled draw z = s (mean + exp(logvar / 2) e) from each (B, C, h, w) posterior; the noise e
+    comes from one generator, or row i from `generator[i]` (per-example streams, `mrdit.rng`)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        e = torch.randn(mean.shape, generator=generator)
+    else:
+        e = randn_rows(tuple(mean.shape[1:]), generator)
+    return (mean + (0.5 * logvar).exp() * e) * scale_factor

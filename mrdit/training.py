@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from .checkpoint import CheckpointError, atomic_write, load_model
 from .config import ConfigError, ModelConfig, changed_fields
 from .losses import multiscale_loss
 from .presets import get_preset
+from .rng import example_generators, rand_rows, randint_rows, randn_rows
 from .schedule import NoiseSchedule
 
 STATE_PATTERN = re.compile(r"^state-(\d{8})\.pt$")
@@ -62,6 +64,7 @@ class TrainConfig:
     sample_steps: int = 25
     sample_guidance: float = 2.0
     threads: int = 0  # torch CPU threads; 0 = leave the default
+    num_workers: int = 0  # data-loader processes per rank that prepare batches ahead; 0 = in the loop
     init_from: str = ""  # a model directory or Hub repo id whose weights start a new run (fine-tuning); "" = random
 
     def __post_init__(self) -> None:
@@ -82,6 +85,7 @@ class TrainConfig:
             ("grad_clip", self.grad_clip >= 0, "must be >= 0"),
             ("save_every", self.save_every >= 1, "must be >= 1"),
             ("keep_states", self.keep_states >= 1, "must be >= 1"),
+            ("num_workers", self.num_workers >= 0, "must be >= 0"),
             ("compile", self.compile in (False, True, "blocks"), 'must be false, true or "blocks"'),
             ("activation_memory_budget", 0 < self.activation_memory_budget <= 1, "must be in (0, 1]"),
             (
@@ -307,17 +311,68 @@ def noisy_batch(
     schedule: NoiseSchedule,
     null_label: int,
     label_dropout: float,
-    generator: torch.Generator,
+    generators: Sequence[torch.Generator],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw steps n ~ U{1..N}, noise and label dropout from `generator` (on the CPU, for exact resume)."""
+    """Draw steps n ~ U{1..N}, noise and label dropout, example i from `generators[i]` (on the CPU, so a
+    resumed or differently parallel run draws the same; see `mrdit.rng`)."""
     B = x0.shape[0]
-    n = torch.randint(1, schedule.N + 1, (B,), generator=generator)
-    eps = torch.randn(x0.shape, generator=generator)
-    drop = torch.rand(B, generator=generator) < label_dropout
+    if len(generators) != B:
+        raise ValueError(f"need one generator per example: {B} examples, {len(generators)} generators")
+    n = randint_rows(1, schedule.N + 1, generators)  # (B,)
+    eps = randn_rows(tuple(x0.shape[1:]), generators)  # (B, C, H, W)
+    drop = rand_rows(generators) < label_dropout  # (B,)
     y = torch.where(drop, torch.full_like(y, null_label), y.cpu())
     a, s = schedule.discrete_coefficients(n)
     xn = a.view(B, 1, 1, 1) * x0.cpu() + s.view(B, 1, 1, 1) * eps
     return xn, n.float(), y, eps
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item `step`: this rank's noised training batch (xn, n, y, eps) of that step.
+
+    A function of (seed, step, rank, world) alone: the indices come from `batch_indices` (or the
+    class-balanced order), every random draw from the example's own generator (`mrdit.rng`). So a
+    data loader can prepare steps ahead in worker processes (images decoded, shards read there) and
+    the run stays exactly what the plain loop computes, resumable at any step and any world size.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        schedule: NoiseSchedule,
+        null_label: int,
+        cfg: TrainConfig,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.dataset, self.schedule, self.null_label, self.cfg = dataset, schedule, null_label, cfg
+        self.rank, self.world = rank, world
+        self.per_rank = cfg.batch_size // world
+        self.balanced = ClassBalancedOrder(dataset.labels) if cfg.class_balanced else None
+
+    def indices(self, step: int) -> torch.Tensor:
+        where = (self.cfg.batch_size, self.cfg.seed, self.rank, self.world)
+        if self.balanced is not None:
+            return self.balanced.indices(step, *where)
+        return batch_indices(step, len(self.dataset), *where)
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        first = self.rank * self.per_rank
+        gens = example_generators(self.cfg.seed, step, range(first, first + self.per_rank))
+        flips = rand_rows(gens) < 0.5 if self.cfg.flips else None
+        x0, y = self.dataset.batch(self.indices(step), flips, generator=gens)
+        return noisy_batch(x0, y, self.schedule, self.null_label, self.cfg.label_dropout, gens)
+
+
+def step_batches(batches: StepBatches, start: int, stop: int, workers: int, pin_memory: bool = False) -> Iterator:
+    """The batches of steps start..stop-1 in order: prepared in the loop (`workers` = 0) or ahead by a
+    torch DataLoader's worker processes (pinned for fast copies to a GPU when `pin_memory`)."""
+    if workers == 0:
+        return (batches[s] for s in range(start, stop))
+    loader = torch.utils.data.DataLoader(
+        batches, batch_size=None, sampler=range(start, stop), num_workers=workers, pin_memory=pin_memory
+    )
+    return iter(loader)
 
 
 def train_step(

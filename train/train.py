@@ -6,8 +6,10 @@
 The run folder holds the resolved config, JSONL metrics, sample grids from the EMA model and the
 full training state (model, EMA, optimizer, step), written atomically every `save_every` steps.
 Starting the same command again resumes from the newest complete state by itself; SIGTERM/SIGINT
-save the state and the EMA model and exit cleanly. Batches, noise and label dropout are functions of
-(seed, step, rank), so a resumed run ends with the same weights as an uninterrupted one.
+save the state and the EMA model and exit cleanly. Batches, flips, noise and label dropout are functions of
+(seed, step, position in the global batch), so a resumed run ends with the same weights as an
+uninterrupted one, and N processes train the model one process trains at the same global batch.
+`num_workers` > 0 prepares batches ahead in data-loader processes (same batches).
 `--set init_from=weights/NAME` starts a new run (a fine-tune) from an exported model's weights.
 """
 
@@ -31,22 +33,23 @@ from mrdit.build import build_model
 from mrdit.checkpoint import CheckpointError
 from mrdit.config import ConfigError, ModelConfig, changed_fields
 from mrdit.data import ImageFolderDataset, LatentDataset, load_emoji
+from mrdit.pipeline import InputError, LatentDecoder, PixelDecoder
 from mrdit.sampling import sample
 from mrdit.schedule import NoiseSchedule
+from mrdit.shards import ShardedLatentDataset
 from mrdit.training import (
     EMA,
-    ClassBalancedOrder,
+    StepBatches,
     TrainConfig,
-    batch_indices,
     compile_for_training,
     initial_weights,
     list_states,
     load_latest_state,
     lr_at,
     make_optimizer,
-    noisy_batch,
     preset_with_overrides,
     save_state,
+    step_batches,
     train_step,
 )
 from mrdit.visual import save_grid
@@ -59,6 +62,8 @@ def load_dataset(cfg: TrainConfig, model_config: ModelConfig):
         return ImageFolderDataset(cfg.data_path, cfg.image_size)
     if model_config.autoencoder is None:
         raise ConfigError("data: latents need a model config with an autoencoder")
+    if Path(cfg.data_path).is_dir():  # shards from train/encode_latents.py, read a batch at a time
+        return ShardedLatentDataset(cfg.data_path, model_config.autoencoder.scale_factor)
     return LatentDataset(cfg.data_path, model_config.autoencoder.scale_factor)
 
 
@@ -69,19 +74,25 @@ def resolve_model_config(cfg: TrainConfig, class_names: list[str]) -> ModelConfi
     return ModelConfig.from_dict(d)
 
 
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """All randomness of one step (flips, noise levels, noise, label dropout) comes from here."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 257 + rank) % (2**63))
+def grid_decoder(mc: ModelConfig, device):
+    """What turns samples into images for the grids: the data itself, or the configured autoencoder;
+    None (with a log line) when a latent model's autoencoder cannot be loaded here."""
+    if mc.autoencoder is None:
+        return PixelDecoder()
+    try:
+        return LatentDecoder.from_config(mc, device)
+    except InputError as e:
+        print(f"sample grids skipped: {e}", flush=True)
+        return None
 
 
-def sample_grid(ema_model, cfg: TrainConfig, mc: ModelConfig, path: Path, device) -> None:
+def sample_grid(ema_model, cfg: TrainConfig, mc: ModelConfig, path: Path, device, decoder) -> None:
     classes = min(mc.num_classes - 1, 16)
     labels = torch.arange(classes).repeat(2).to(device)
     g = torch.Generator().manual_seed(1234)
     noise = torch.randn((len(labels), mc.channels, mc.image_size, mc.image_size), generator=g).to(device)
     x = sample(ema_model, noise, labels, sampler="dpm++2m", steps=cfg.sample_steps, guidance=cfg.sample_guidance)
-    if mc.autoencoder is None:
-        save_grid(x.clamp(-1, 1), path, cols=classes)
+    save_grid(decoder(x).clamp(-1, 1), path, cols=classes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     if saved_cfg.is_file():
         old = json.loads(saved_cfg.read_text())
         new = json.loads(json.dumps(cfg.to_dict()))
-        # Thread count changes speed, not results; anything else must match to resume.
-        changed = changed_fields(old, new, ignore=("threads",))
+        # Thread and worker counts change speed, not results; anything else must match to resume.
+        changed = changed_fields(old, new, ignore=("threads", "num_workers"))
         if changed and not args.force:
             print(
                 f"error: {run} was started with a different config (changed: {', '.join(changed)}); use --force to resume anyway",
@@ -141,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
 
-    dataset = load_dataset(cfg, preset_with_overrides(cfg))
+    try:
+        dataset = load_dataset(cfg, preset_with_overrides(cfg))
+    except (ValueError, OSError) as e:  # a missing or unfinished dataset: say which, without a traceback
+        p.error(f"data: {e}")
     mc = resolve_model_config(cfg, dataset.class_names)
     if dataset.image_size != mc.image_size:
         p.error(f"data image size {dataset.image_size} != model image_size {mc.image_size}")
@@ -232,22 +246,15 @@ def main(argv: list[str] | None = None) -> int:
 
     metrics_file = open(run / "metrics.jsonl", "a") if main_proc else None
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not main_proc, dynamic_ncols=True)
-    per_rank = cfg.batch_size // accelerator.num_processes
-    balanced = ClassBalancedOrder(dataset.labels) if cfg.class_balanced else None
+    batches = StepBatches(dataset, schedule, mc.null_label, cfg, accelerator.process_index, accelerator.num_processes)
+    loader = step_batches(batches, step, cfg.steps, cfg.num_workers, pin_memory=accelerator.device.type == "cuda")
+    decoder = grid_decoder(mc, accelerator.device) if main_proc and cfg.sample_every else None
     window_t, window_imgs, losses = time.perf_counter(), 0, []
     started = time.perf_counter()
     out_of_time = False
     while step < cfg.steps:
         t0 = time.perf_counter()
-        g = step_generator(cfg.seed, step, accelerator.process_index)
-        where = (cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
-        if balanced is not None:
-            idx = balanced.indices(step, *where)
-        else:
-            idx = batch_indices(step, len(dataset), *where)
-        flips = torch.rand(per_rank, generator=g) < 0.5 if cfg.flips else None
-        x0, y = dataset.batch(idx, flips, generator=g)
-        xn, n, y, eps = noisy_batch(x0, y, schedule, mc.null_label, cfg.label_dropout, g)
+        xn, n, y, eps = next(loader)
         dev = accelerator.device
         if cfg.channels_last:
             xn = xn.contiguous(memory_format=torch.channels_last)
@@ -255,10 +262,10 @@ def main(argv: list[str] | None = None) -> int:
             train_model,
             optimizer,
             accelerator,
-            xn.to(dev),
-            n.to(dev),
-            y.to(dev),
-            eps.to(dev),
+            xn.to(dev, non_blocking=True),
+            n.to(dev, non_blocking=True),
+            y.to(dev, non_blocking=True),
+            eps.to(dev, non_blocking=True),
             mc.loss_weights,
             lr_at(step, cfg),
             cfg.grad_clip,
@@ -293,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                 metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
             window_t, window_imgs, losses = now, 0, []
-        if main_proc and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
-            sample_grid(ema.model, cfg, mc, run / "samples" / f"step-{step:08d}.png", accelerator.device)
+        if decoder is not None and (step % cfg.sample_every == 0 or step == cfg.steps):
+            sample_grid(ema.model, cfg, mc, run / "samples" / f"step-{step:08d}.png", accelerator.device, decoder)
         if main_proc and args.export_every and step % args.export_every == 0:
             save_model(ema.model, run / f"ema-{step:08d}", dtype=torch.float16)
         scheduled = step % cfg.save_every == 0 or step == cfg.steps or out_of_time
