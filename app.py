@@ -8,6 +8,7 @@ yields each solver step with each branch's clean-image estimate, and `mrdit.visu
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -25,38 +26,54 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mrdit.checkpoint import CheckpointError, resolve_model_dir
+from mrdit.checkpoint import CheckpointError
+from mrdit.classes import read_synonyms
+from mrdit.hubguard import fetch_model
 from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, MAX_IMAGES, InputError, Pipeline, Preview, Settings
+from mrdit.released import RELEASES, prepare
 from mrdit.sampling import SAMPLERS
+from mrdit.space import gpu_seconds, on_space, on_zero_gpu
 from mrdit.visual import branch_headers, panel_sheet, save_gif
 
 ROOT = Path(__file__).resolve().parent
 WEIGHTS = ROOT / "weights"
 DEFAULT_MODEL = os.environ.get("MRDIT_MODEL", "mrdit-emoji-32")
-# Pixel-space demo models on the CPU are compiled in the background after loading (MRDIT_COMPILE=0: never).
-COMPILE = os.environ.get("MRDIT_COMPILE", "1") != "0"
+# Pixel-space demo models on the CPU are compiled in the background after loading (MRDIT_COMPILE=0: never;
+# never on ZeroGPU, which does not support torch.compile).
+COMPILE = os.environ.get("MRDIT_COMPILE", "1") != "0" and not on_zero_gpu()
 DISPLAY = 96  # every panel is shown at this size, nearest-neighbour, so model pixels stay honest
 STREAM_INTERVAL = 0.08  # seconds between streamed frames (the last step is always shown)
 MAX_SESSION_STEPS = 250  # trajectory memory bound per session
-RELEASED = {
-    "DiMR-XL/2R (ImageNet 256, authors' release)": ("dimr-xl-2r", "DiMR-XL_2R_800epochs.pth"),
-    "DiMR-G/2R (ImageNet 256, authors' release)": ("dimr-g-2r", "DiMR-G_2R_800epochs.pth"),
-}
-RELEASED_REPO = "QHL067/DiMR"
+RELEASED = RELEASES  # menu label -> mrdit.released.Release
 CACHE = Path(os.environ.get("MRDIT_CACHE", Path.home() / ".cache" / "mrdit"))
 EXPORTS = Path(tempfile.gettempdir()) / "mrdit-exports"  # gradio serves files from the temp dir
 IMAGENET_CLASSES = ROOT / "assets" / "imagenet_classes.json"
+IMAGENET_SYNONYMS = ROOT / "assets" / "imagenet_synonyms.json"
 
 log = logging.getLogger("mrdit.app")
+
+
+def request_seconds(fn, *args, **kwargs) -> int:
+    """ZeroGPU duration for one call of an event function, from its `steps` and `num_images` inputs."""
+    try:
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = bound.arguments
+    except TypeError:
+        values = {}
+    return gpu_seconds(values.get("steps", 1), values.get("num_images", 1))
+
 
 try:  # Hugging Face ZeroGPU: request a GPU for the generation functions; a no-op elsewhere
     import spaces  # type: ignore
 
-    gpu = spaces.GPU
+    def gpu(fn):
+        return spaces.GPU(duration=lambda *a, **k: request_seconds(fn, *a, **k))(fn)
+
 except ImportError:  # pragma: no cover - depends on the host
 
-    def gpu(fn=None, **_):
-        return fn if fn is not None else (lambda f: f)
+    def gpu(fn):
+        return fn
 
 
 # ---------------------------------------------------------------- models
@@ -93,38 +110,48 @@ def resolve_model(choice: str) -> Path:
             raise InputError(f"model {choice!r} is not a model directory")
         return real
     if _REPO_ID.match(choice):
-        try:
-            return resolve_model_dir(choice)
-        except CheckpointError as e:
-            raise InputError(f"{e} (the Hub is unreachable offline)") from None
+        try:  # typed ids only within mrdit.hubguard's limits (MRDIT_HUB_IDS, MRDIT_HUB_MAX_BYTES)
+            return fetch_model(choice)
+        except (CheckpointError, ValueError) as e:
+            raise InputError(str(e)) from None
     raise InputError(
         f"unknown model {choice!r}; choose one of: {', '.join(model_choices())}, or a Hub repo id like user/model"
     )
 
 
+def imagenet_names() -> tuple[list[str] | None, dict[int, list[str]] | None]:
+    """Human ImageNet class names and their synonyms, so that users (and the API) can say "goldfish"."""
+    names = json.loads(IMAGENET_CLASSES.read_text()) if IMAGENET_CLASSES.is_file() else None
+    synonyms = read_synonyms(IMAGENET_SYNONYMS) if IMAGENET_SYNONYMS.is_file() else None
+    return names, synonyms
+
+
 def released_model(choice: str) -> Path:
-    """Download an authors' checkpoint, convert it once with our converter, cache the model directory."""
-    preset, filename = RELEASED[choice]
-    out = CACHE / preset
-    if (out / "config.json").is_file():
-        return out
+    """Download an authors' checkpoint and the SD VAE, convert once, cache the model directory."""
+    release = RELEASED[choice]
     try:
-        from huggingface_hub import hf_hub_download
-
-        from mrdit.convert import convert
-        from mrdit.presets import get_preset
-
-        src = hf_hub_download(RELEASED_REPO, filename)
-        config = get_preset(preset)
-        if IMAGENET_CLASSES.is_file():  # human class names, so that users (and the API) can say "goldfish"
-            config = config.replace(class_names=tuple(json.loads(IMAGENET_CLASSES.read_text())))
-        convert(Path(src), out, config)
+        return prepare(release, CACHE, *imagenet_names())
     except Exception as e:  # offline, no disk space, ...: one clear message
+        log.warning("preparing %s failed: %s: %s", choice, type(e).__name__, e)
         raise InputError(
-            f"{choice} is unavailable: it is downloaded from the Hugging Face Hub ({RELEASED_REPO}) on first use "
+            f"{choice} is unavailable: it is downloaded from the Hugging Face Hub ({release.repo_id}) on first use "
             f"and that failed ({type(e).__name__}). It needs a network connection and about 2-4 GB of disk."
         ) from None
-    return out
+
+
+def prepare_released_in_background() -> threading.Thread:
+    """On a Space: download and convert the released models at start-up, not in a user's request."""
+
+    def run() -> None:
+        for choice in RELEASED:
+            try:
+                released_model(choice)
+            except InputError as e:
+                log.warning("%s", e)
+
+    thread = threading.Thread(target=run, daemon=True, name="mrdit-prepare")
+    thread.start()
+    return thread
 
 
 class ModelCache:
@@ -158,8 +185,9 @@ class ModelCache:
 MODELS = ModelCache()
 
 
-def class_choices(pipe: Pipeline) -> list[str]:
-    return pipe.class_names
+def class_choices(pipe: Pipeline) -> list[tuple[str, str]]:
+    """(label, value) pairs for the filterable class picker: "golden retriever (207)" -> "golden retriever"."""
+    return pipe.classes.choices()
 
 
 # ---------------------------------------------------------------- trajectories
@@ -187,6 +215,8 @@ def status_text(pv: Preview, settings: Settings, elapsed: float | None = None) -
     s = f"**step {pv.index + 1} / {pv.total}** · t = {pv.t:.3f} · network evaluations {pv.nfe}"
     if elapsed is not None:
         s += f" · {elapsed:.2f} s"
+    if pv.kind and pv.kind != "pixels":  # latent models: say whether the panels are the VAE's or a cheap map
+        s += f" · preview: {pv.kind}"
     return s
 
 
@@ -386,7 +416,7 @@ def on_model_change(model):
     except Exception as e:
         raise _gr_error(e) from None
     names = class_choices(pipe)
-    return gr.update(choices=names, value=names[0])
+    return gr.update(choices=names, value=names[0][1])
 
 
 # ---------------------------------------------------------------- layout
@@ -437,7 +467,12 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
                     info="shipped weights, a Hub repo id (user/model), or the authors' ImageNet models",
                 )
                 class_label = gr.Dropdown(
-                    names, value=names[0] if names else None, label="Class", allow_custom_value=True
+                    names,
+                    value=names[0][1] if names else None,
+                    label="Class",
+                    allow_custom_value=True,
+                    filterable=True,
+                    info="type to filter by name or id; ids, names and synonyms can also be typed",
                 )
                 with gr.Row():
                     seed = gr.Number(0, label="Seed", precision=0, minimum=0, scale=3)
@@ -539,4 +574,6 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
+    if on_space() and os.environ.get("MRDIT_PREPARE_RELEASED", "1") != "0":
+        prepare_released_in_background()
     build_demo().launch(css=CSS)
