@@ -188,8 +188,7 @@ class Pipeline:
         if ae is not None:
             decoder = LatentDecoder.from_config(model.config, device, directory)
             if not full_previews:
-                size = model.config.image_size * ae.downsample
-                previewer = cached_linear_preview(directory, decoder.vae, ae.scale_factor, size)
+                previewer = cached_linear_preview(directory, decoder.vae, ae.scale_factor, model.config.image_size)
         syn = directory / SYNONYMS_NAME
         synonyms = read_synonyms(syn) if syn.is_file() else None
         return cls(model, decoder, name=str(path_or_repo), compile=compile, previewer=previewer, synonyms=synonyms)

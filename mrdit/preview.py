@@ -55,6 +55,11 @@ class LinearPreview:
             raise CheckpointError(f"{path}: not a usable linear preview ({type(e).__name__}: {e})") from None
 
 
+def vae_downsample(vae: torch.nn.Module) -> int:
+    """Pixels per latent pixel of a diffusers AutoencoderKL (8 for the SD VAE): one per down block but the last."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def fit_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     """Smooth random colour fields with sharp-edged blobs, (n, 3, size, size) in [-1, 1]: stand-ins
     for photographs that span the VAE's colours at coarse and fine scales."""
@@ -85,12 +90,14 @@ def fit_linear_preview(vae: torch.nn.Module, scale_factor: float, n: int = 4, si
     return LinearPreview(sol[:-1].T.float(), sol[-1].float(), fit_rmse=rmse)
 
 
-def cached_linear_preview(directory: Path, vae: torch.nn.Module, scale_factor: float, size: int) -> LinearPreview:
+def cached_linear_preview(
+    directory: Path, vae: torch.nn.Module, scale_factor: float, latent_size: int
+) -> LinearPreview:
     """The linear preview saved beside a model, fitted (and saved, if the directory is writable) on first use."""
     path = Path(directory) / PREVIEW_NAME
     if path.is_file():
         return LinearPreview.load(path)
-    preview = fit_linear_preview(vae, scale_factor, size=size)
+    preview = fit_linear_preview(vae, scale_factor, size=latent_size * vae_downsample(vae))
     try:
         preview.save(path)
     except OSError:  # a read-only model directory: fit again next time

@@ -71,7 +71,7 @@ def _build(
 
     from .convert import convert
     from .pipeline import SYNONYMS_NAME, VAE_DIR
-    from .preview import PREVIEW_NAME, fit_linear_preview
+    from .preview import PREVIEW_NAME, fit_linear_preview, vae_downsample
 
     config = release.model_config()
     if class_names:
@@ -85,7 +85,8 @@ def _build(
     ae = config.autoencoder
     if ae is not None:
         vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
-        fit_linear_preview(vae, ae.scale_factor, size=config.image_size * ae.downsample).save(staging / PREVIEW_NAME)
+        size = config.image_size * vae_downsample(vae)
+        fit_linear_preview(vae, ae.scale_factor, size=size).save(staging / PREVIEW_NAME)
     if synonyms:
         text = json.dumps({str(k): list(v) for k, v in synonyms.items()}, indent=1)
         atomic_write(staging / SYNONYMS_NAME, lambda f: f.write(text.encode()))
