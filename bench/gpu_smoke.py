@@ -9,7 +9,6 @@ for 4 images, then the final VAE decode. Prints time to the first preview, total
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -19,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latent_setup import add_model_args, latent_pipeline, model_config  # noqa: E402
+from latent_setup import add_model_args, latent_pipeline, model_config, print_config, write_json  # noqa: E402
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -37,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    print("config:", json.dumps({k: str(v) for k, v in vars(args).items()}))
+    print_config(args)
     t_load = time.perf_counter()
     pipe, fit_s = latent_pipeline(model_config(args), args.vae, args.device)
     device = pipe.device
@@ -65,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"peak memory: {res['peak_memory_mib']:.0f} MiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})"
     )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=2))
-        print(f"wrote {args.out}")
+    write_json(args.out, res)
     return 0
 
 

@@ -22,6 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_RELEASE = ROOT / "tests" / "data" / "parity" / "tiny_2r.json"  # the release's wiring at small widths
 
 
+def print_config(args: argparse.Namespace) -> None:
+    print("config:", json.dumps({k: str(v) for k, v in vars(args).items()}))
+
+
+def write_json(out: Path | None, res: dict) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))
+        print(f"wrote {out}")
+
+
 def add_model_args(p: argparse.ArgumentParser, preset: str | None) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=[k for k in PRESETS if get_preset(k).autoencoder], default=preset)

@@ -12,7 +12,6 @@ smaller the model, the larger the share previews take, so this is the hard case 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latent_setup import TINY_RELEASE, add_model_args, latent_pipeline, model_config  # noqa: E402
+from latent_setup import TINY_RELEASE, add_model_args, latent_pipeline, model_config, print_config, write_json  # noqa: E402
 
 
 def run(pipe, settings, previews: bool):
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         args.official_config = TINY_RELEASE
     if args.threads:
         torch.set_num_threads(args.threads)
-    print("config:", json.dumps({k: str(v) for k, v in vars(args).items()}))
+    print_config(args)
     config = model_config(args)
     pipe, fit_s = latent_pipeline(config, args.vae, args.device)
     print(f"linear preview fitted in {fit_s:.2f} s (once per model; cached beside it when served)")
@@ -90,10 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         f"full-VAE previews cost {res['full_vae_preview_per_step_s']:.3f} s per step "
         f"({res['full_vae_ratio_sampling']:.1f}x sampling at {args.steps} steps)"
     )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=2))
-        print(f"wrote {args.out}")
+    write_json(args.out, res)
     return 0
 
 

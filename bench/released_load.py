@@ -26,6 +26,9 @@ from mrdit.pipeline import Pipeline
 from mrdit.released import RELEASES, prepare
 from mrdit.vae import VAE_ARCHITECTURES, random_vae
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latent_setup import print_config, write_json  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"dimr-xl-2r": "dimr_xl_2r_keys.tsv", "dimr-g-2r": "dimr_g_2r_keys.tsv"}
 
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/mrdit-released-load"))
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    print("config:", json.dumps({k: str(v) for k, v in vars(args).items()}))
+    print_config(args)
     release = next(r for r in RELEASES.values() if r.preset == args.preset)
     shutil.rmtree(args.work, ignore_errors=True)
     hub = args.work / "hub"
@@ -75,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.preset}: {size / 1e9:.2f} GB checkpoint; convert + VAE copy + preview fit {res['prepare_s']:.1f} s; "
         f"cached: {res['prepare_cached_s'] * 1000:.1f} ms; loading the pipeline (model + VAE + preview) {res['load_s']:.1f} s"
     )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=2))
-        print(f"wrote {args.out}")
+    write_json(args.out, res)
     shutil.rmtree(args.work, ignore_errors=True)
     return 0
 

@@ -308,7 +308,16 @@ class Pipeline:
             return pv
         if pv.full is None:
             x_t, *x0 = (self.decode_preview(z.to(self.device, torch.float32), self.decoder) for z in pv.latents)
-            pv.full = Preview(pv.index, pv.total, pv.t, pv.log_snr, pv.nfe, x_t, list(x0), kind=self.decoder.kind)
+            pv.full = Preview(
+                pv.index,
+                pv.total,
+                pv.t,
+                pv.log_snr,
+                pv.nfe,
+                x_t,
+                list(x0),
+                kind=getattr(self.decoder, "kind", VAE_KIND),
+            )
         return pv.full
 
     def stream(self, settings: Settings, previews: bool = True) -> Iterator[tuple[StepState, Preview | None]]:
