@@ -15,7 +15,7 @@ from mrdit.config import ModelConfig
 from mrdit.convert import config_from_official
 from mrdit.pipeline import LatentDecoder, Pipeline
 from mrdit.presets import PRESETS
-from mrdit.preview import fit_linear_preview, vae_downsample
+from mrdit.preview import fit_linear_preview, fit_size
 from mrdit.vae import VAE_ARCHITECTURES, random_vae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +54,6 @@ def latent_pipeline(config: ModelConfig, vae_name: str, device: str, linear: boo
     vae = random_vae(vae_name).to(device)
     scale = config.autoencoder.scale_factor if config.autoencoder else 0.18215
     t0 = time.perf_counter()
-    previewer = fit_linear_preview(vae, scale, size=config.image_size * vae_downsample(vae)) if linear else None
+    previewer = fit_linear_preview(vae, scale, size=fit_size(vae, config.image_size)) if linear else None
     fit_s = time.perf_counter() - t0
     return Pipeline(model, LatentDecoder(vae, scale), previewer=previewer), fit_s

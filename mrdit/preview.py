@@ -60,6 +60,12 @@ def vae_downsample(vae: torch.nn.Module) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def fit_size(vae: torch.nn.Module, latent_size: int) -> int:
+    """Image size for the fit: at most 16x16 latents (1,024 per image for C + 1 unknowns per colour), so
+    that the one-off fit costs four small VAE round trips, not four at the model's full resolution."""
+    return min(latent_size, 16) * vae_downsample(vae)
+
+
 def fit_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     """Smooth random colour fields with sharp-edged blobs, (n, 3, size, size) in [-1, 1]: stand-ins
     for photographs that span the VAE's colours at coarse and fine scales."""
@@ -97,7 +103,7 @@ def cached_linear_preview(
     path = Path(directory) / PREVIEW_NAME
     if path.is_file():
         return LinearPreview.load(path)
-    preview = fit_linear_preview(vae, scale_factor, size=latent_size * vae_downsample(vae))
+    preview = fit_linear_preview(vae, scale_factor, size=fit_size(vae, latent_size))
     try:
         preview.save(path)
     except OSError:  # a read-only model directory: fit again next time

@@ -71,7 +71,7 @@ def _build(
 
     from .convert import convert
     from .pipeline import SYNONYMS_NAME, VAE_DIR
-    from .preview import PREVIEW_NAME, fit_linear_preview, vae_downsample
+    from .preview import PREVIEW_NAME, fit_linear_preview, fit_size
 
     config = release.model_config()
     if class_names:
@@ -85,8 +85,8 @@ def _build(
     ae = config.autoencoder
     if ae is not None:
         vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
-        size = config.image_size * vae_downsample(vae)
-        fit_linear_preview(vae, ae.scale_factor, size=size).save(staging / PREVIEW_NAME)
+        fit = fit_linear_preview(vae, ae.scale_factor, size=fit_size(vae, config.image_size))
+        fit.save(staging / PREVIEW_NAME)
     if synonyms:
         text = json.dumps({str(k): list(v) for k, v in synonyms.items()}, indent=1)
         atomic_write(staging / SYNONYMS_NAME, lambda f: f.write(text.encode()))
