@@ -65,3 +65,18 @@ def test_gpu_smoke_runs_on_the_cpu_with_a_small_preset(tmp_path):
     res = json.loads(out.read_text())
     assert 0 < res["first_preview_s"] <= res["first_total_s"] and 0 < res["second_preview_s"] <= res["second_total_s"]
     assert res["peak_memory_mib"] > 0 and "first preview after" in r.stdout and "peak memory" in r.stdout
+
+
+def test_preview_overhead_bench_reports_both_ratios(tmp_path):
+    out = tmp_path / "preview.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "preview_overhead.py"), "--vae", "tiny", "--steps", "3"]
+    r = subprocess.run(
+        [*cmd, "--images", "2", "--repeat", "1", "--full-steps", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["sampling_plain_s"] > 0 and res["ratio_within_runs"] >= 1 and res["full_vae_ratio_within_run"] > 1
+    assert "within the previewing runs" in r.stdout
