@@ -14,6 +14,7 @@ measure, `mrdit.interventions` and `mrdit.probes` the experiments, `mrdit.visual
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -33,13 +34,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mrdit.checkpoint import CheckpointError, resolve_model_dir
+from mrdit.checkpoint import CheckpointError
+from mrdit.classes import read_synonyms
+from mrdit.hubguard import fetch_model
 from mrdit.interventions import BranchGuidance, FreezeCoarse, plan_swap
 from mrdit.measures import addition_bands, band_names, band_split, settling_curves
 from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, MAX_IMAGES, InputError, Pipeline, Preview, Settings
 from mrdit.probes import TDCurves, class_token_attention, curves_by_branch, td_norm_curves
+from mrdit.released import RELEASES, prepare
 from mrdit.sampling import SAMPLERS, StepState, planned_times
 from mrdit.schedule import NoiseSchedule
+from mrdit.space import gpu_seconds, on_space, on_zero_gpu
 from mrdit.trajectory import MAX_BUNDLE_BYTES, BundleError, Frame, Trajectory, load_bundle, save_bundle
 from mrdit.visual import (
     attention_sheet,
@@ -55,31 +60,43 @@ from mrdit.visual import (
 ROOT = Path(__file__).resolve().parent
 WEIGHTS = ROOT / "weights"
 DEFAULT_MODEL = os.environ.get("MRDIT_MODEL", "mrdit-emoji-32")
-# Pixel-space demo models on the CPU are compiled in the background after loading (MRDIT_COMPILE=0: never).
-COMPILE = os.environ.get("MRDIT_COMPILE", "1") != "0"
+# Pixel-space demo models on the CPU are compiled in the background after loading (MRDIT_COMPILE=0: never;
+# never on ZeroGPU, which does not support torch.compile).
+COMPILE = os.environ.get("MRDIT_COMPILE", "1") != "0" and not on_zero_gpu()
 DISPLAY = 96  # every panel is shown at this size, nearest-neighbour, so model pixels stay honest
 STREAM_INTERVAL = 0.08  # seconds between streamed frames (the last step is always shown)
 # Per-session trajectory budget: beyond it an evenly spaced subset of steps (first and last included) is kept.
 TRAJECTORY_MB = float(os.environ.get("MRDIT_TRAJECTORY_MB", "48"))
-RELEASED = {
-    "DiMR-XL/2R (ImageNet 256, authors' release)": ("dimr-xl-2r", "DiMR-XL_2R_800epochs.pth"),
-    "DiMR-G/2R (ImageNet 256, authors' release)": ("dimr-g-2r", "DiMR-G_2R_800epochs.pth"),
-}
-RELEASED_REPO = "QHL067/DiMR"
+RELEASED = RELEASES  # menu label -> mrdit.released.Release
 CACHE = Path(os.environ.get("MRDIT_CACHE", Path.home() / ".cache" / "mrdit"))
 EXPORTS = Path(tempfile.gettempdir()) / "mrdit-exports"  # gradio serves files from the temp dir
 IMAGENET_CLASSES = ROOT / "assets" / "imagenet_classes.json"
+IMAGENET_SYNONYMS = ROOT / "assets" / "imagenet_synonyms.json"
 
 log = logging.getLogger("mrdit.app")
+
+
+def request_seconds(fn, *args, **kwargs) -> int:
+    """ZeroGPU duration for one call of an event function, from its `steps` and `num_images` inputs."""
+    try:
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = bound.arguments
+    except TypeError:
+        values = {}
+    return gpu_seconds(values.get("steps", 1), values.get("num_images", 1))
+
 
 try:  # Hugging Face ZeroGPU: request a GPU for the generation functions; a no-op elsewhere
     import spaces  # type: ignore
 
-    gpu = spaces.GPU
+    def gpu(fn):
+        return spaces.GPU(duration=lambda *a, **k: request_seconds(fn, *a, **k))(fn)
+
 except ImportError:  # pragma: no cover - depends on the host
 
-    def gpu(fn=None, **_):
-        return fn if fn is not None else (lambda f: f)
+    def gpu(fn):
+        return fn
 
 
 # ---------------------------------------------------------------- models
@@ -116,38 +133,48 @@ def resolve_model(choice: str) -> Path:
             raise InputError(f"model {choice!r} is not a model directory")
         return real
     if _REPO_ID.match(choice):
-        try:
-            return resolve_model_dir(choice)
-        except CheckpointError as e:
-            raise InputError(f"{e} (the Hub is unreachable offline)") from None
+        try:  # typed ids only within mrdit.hubguard's limits (MRDIT_HUB_IDS, MRDIT_HUB_MAX_BYTES)
+            return fetch_model(choice)
+        except (CheckpointError, ValueError) as e:
+            raise InputError(str(e)) from None
     raise InputError(
         f"unknown model {choice!r}; choose one of: {', '.join(model_choices())}, or a Hub repo id like user/model"
     )
 
 
+def imagenet_names() -> tuple[list[str] | None, dict[int, list[str]] | None]:
+    """Human ImageNet class names and their synonyms, so that users (and the API) can say "goldfish"."""
+    names = json.loads(IMAGENET_CLASSES.read_text()) if IMAGENET_CLASSES.is_file() else None
+    synonyms = read_synonyms(IMAGENET_SYNONYMS) if IMAGENET_SYNONYMS.is_file() else None
+    return names, synonyms
+
+
 def released_model(choice: str) -> Path:
-    """Download an authors' checkpoint, convert it once with our converter, cache the model directory."""
-    preset, filename = RELEASED[choice]
-    out = CACHE / preset
-    if (out / "config.json").is_file():
-        return out
+    """Download an authors' checkpoint and the SD VAE, convert once, cache the model directory."""
+    release = RELEASED[choice]
     try:
-        from huggingface_hub import hf_hub_download
-
-        from mrdit.convert import convert
-        from mrdit.presets import get_preset
-
-        src = hf_hub_download(RELEASED_REPO, filename)
-        config = get_preset(preset)
-        if IMAGENET_CLASSES.is_file():  # human class names, so that users (and the API) can say "goldfish"
-            config = config.replace(class_names=tuple(json.loads(IMAGENET_CLASSES.read_text())))
-        convert(Path(src), out, config)
+        return prepare(release, CACHE, *imagenet_names())
     except Exception as e:  # offline, no disk space, ...: one clear message
+        log.warning("preparing %s failed: %s: %s", choice, type(e).__name__, e)
         raise InputError(
-            f"{choice} is unavailable: it is downloaded from the Hugging Face Hub ({RELEASED_REPO}) on first use "
+            f"{choice} is unavailable: it is downloaded from the Hugging Face Hub ({release.repo_id}) on first use "
             f"and that failed ({type(e).__name__}). It needs a network connection and about 2-4 GB of disk."
         ) from None
-    return out
+
+
+def prepare_released_in_background() -> threading.Thread:
+    """On a Space: download and convert the released models at start-up, not in a user's request."""
+
+    def run() -> None:
+        for choice in RELEASED:
+            try:
+                released_model(choice)
+            except InputError as e:
+                log.warning("%s", e)
+
+    thread = threading.Thread(target=run, daemon=True, name="mrdit-prepare")
+    thread.start()
+    return thread
 
 
 class ModelCache:
@@ -181,8 +208,9 @@ class ModelCache:
 MODELS = ModelCache()
 
 
-def class_choices(pipe: Pipeline) -> list[str]:
-    return pipe.class_names
+def class_choices(pipe: Pipeline) -> list[tuple[str, str]]:
+    """(label, value) pairs for the filterable class picker: "golden retriever (207)" -> "golden retriever"."""
+    return pipe.classes.choices()
 
 
 
@@ -212,7 +240,12 @@ def new_trajectory(pipe: Pipeline, settings: Settings) -> Trajectory:
     schedule = NoiseSchedule(pipe.config.schedule)
     ts = planned_times(settings.sampler, settings.steps, schedule)
     lam = [float(schedule.log_snr(torch.tensor(t))) for t in ts]
-    meta = {"model": settings.model, "settings": asdict(settings), "headers": branch_headers(pipe.config)}
+    meta = {
+        "model": settings.model,
+        "settings": asdict(settings),
+        "headers": branch_headers(pipe.config),
+        "preview": pipe.preview_kind,
+    }
     meta = json.loads(json.dumps(meta))  # the form a bundle gives back: lists, not tuples
     return Trajectory(total=len(ts), budget_bytes=int(TRAJECTORY_MB * 2**20), planned_t=ts, planned_log_snr=lam, meta=meta)
 
@@ -226,6 +259,7 @@ def to_frame(state: StepState, pv: Preview) -> Frame:
         x_t=pv.x_t,
         branches=pv.branches,
         x=state.x.detach().to("cpu", torch.float16),
+        latents=pv.latents,
     )
 
 
@@ -233,10 +267,13 @@ def render(run: Run, frame: Frame) -> np.ndarray:
     return panel_sheet(frame.x_t.float(), [b.float() for b in frame.branches], DISPLAY, run.headers)
 
 
-def status_text(frame: Frame, total: int, elapsed: float | None = None) -> str:
-    s = f"**step {frame.step} / {total}** · t = {frame.t:.3f} · network evaluations {frame.nfe}"
+def status_text(frame: Frame, traj: Trajectory, elapsed: float | None = None) -> str:
+    s = f"**step {frame.step} / {traj.total}** · t = {frame.t:.3f} · network evaluations {frame.nfe}"
     if elapsed is not None:
         s += f" · {elapsed:.2f} s"
+    kind = traj.meta.get("preview")
+    if kind and kind != "pixels":  # latent models: say whether the panels are the VAE's or a cheap map
+        s += f" · preview: {kind}"
     return s
 
 
@@ -378,7 +415,7 @@ def generate(class_label, seed, steps, guidance, sampler, num_images=4, model=DE
             now = time.perf_counter()
             if now - last_emit >= STREAM_INTERVAL or state.index + 1 == state.total:
                 last_emit = now
-                status = status_text(frame, run.traj.total, now - t0)
+                status = status_text(frame, run.traj, now - t0)
                 yield (render(run, frame), None, status, run, *([gr.update()] * 4))
         assert state is not None and frame is not None
         _finish(pipe, run, state.x)
@@ -387,7 +424,7 @@ def generate(class_label, seed, steps, guidance, sampler, num_images=4, model=DE
     total = time.perf_counter() - t0
     kept = len(run.traj.frames)
     note = f" · {kept} of {run.traj.total} steps kept to replay" if kept < run.traj.total else ""
-    status = status_text(frame, run.traj.total, total) + f" · done: {len(run.settings.seeds)} images in {total:.2f} s{note}"
+    status = status_text(frame, run.traj, total) + f" · done: {len(run.settings.seeds)} images in {total:.2f} s{note}"
     yield _shown(run, run.traj.frames[-1], status)
 
 
@@ -397,10 +434,31 @@ def scrub(step, run: Run | None):
         return gr.update(), "Generate first, then scrub the trajectory.", *([gr.update()] * 3)
     traj = run.traj
     frame = traj.frames[traj.position(int(step or 1))]
-    status = status_text(frame, traj.total)
+    status = status_text(frame, traj)
     if frame is traj.frames[-1] and traj.finished:
         status += " · done"
     return render(run, frame), status, *plots(run, frame.step)
+
+
+def full_decode(step, run: Run | None):
+    """The shown step of a latent model decoded by the full VAE instead of the cheap preview: (panels, status)."""
+    if run is None or not run.traj.frames:
+        raise gr.Error("Generate first, then decode a step.", print_exception=False)
+    frame = run.traj.frames[run.traj.position(int(step or 1))]
+    if frame.latents is None:
+        return gr.update(), status_text(frame, run.traj) + " · these panels are exact already"
+    try:
+        pipe = MODELS.get(run.model)
+        cache = run.measures.setdefault("full", {})
+        if frame.step not in cache:
+            pv = Preview(frame.step - 1, run.traj.total, frame.t, frame.log_snr, frame.nfe, frame.x_t, frame.branches,
+                         latents=frame.latents)
+            cache[frame.step] = pipe.full_preview(pv)
+        full = cache[frame.step]
+    except Exception as e:
+        raise _gr_error(e) from None
+    shown = replace(frame, x_t=full.x_t, branches=full.branches)
+    return render(run, shown), status_text(frame, run.traj).split(" · preview:")[0] + f" · preview: {full.kind}"
 
 
 def next_step(step, run: Run | None) -> int | None:
@@ -465,7 +523,7 @@ def step_next(run: Run | None):
     if done:
         _finish(run.measures.pop("pipe"), run, state.x)
         run.stepper = None
-    status = status_text(frame, run.traj.total) + (" · finished" if done else " · paused")
+    status = status_text(frame, run.traj) + (" · finished" if done else " · paused")
     sched, settle, adds = plots(run, frame.step) if done else (schedule_plot(run.traj, frame.step), gr.update(), gr.update())
     return (render(run, frame), final_images(run), status, run, slider_for(run, frame.step), sched, settle, adds,
             gr.update(interactive=not done))
@@ -521,7 +579,7 @@ def load_run(path) -> tuple:
     if not (isinstance(headers, list) and all(isinstance(h, str) for h in headers)):
         headers = ["x_t"] + [f"branch {k}" for k in range(len(traj.frames[0].branches))]
     run = Run(traj=traj, headers=[h[:40] for h in headers])
-    status = status_text(traj.frames[-1], traj.total) + f" · loaded run of {str(run.model)[:60] or 'an unnamed model'} · done"
+    status = status_text(traj.frames[-1], traj) + f" · loaded run of {str(run.model)[:60] or 'an unnamed model'} · done"
     return _shown(run, traj.frames[-1], status)
 
 
@@ -531,7 +589,7 @@ def on_model_change(model):
     except Exception as e:
         raise _gr_error(e) from None
     names = class_choices(pipe)
-    return gr.update(choices=names, value=names[0])
+    return gr.update(choices=names, value=names[0][1])
 
 
 # Events: Experiments
@@ -859,7 +917,10 @@ def _controls(choices: list[str], default: str, names: list[str]) -> dict:
         choices, value=default, label="Model", allow_custom_value=True,
         info="shipped weights, a Hub repo id (user/model), or the authors' ImageNet models",
     )
-    c["class_label"] = gr.Dropdown(names, value=names[0] if names else None, label="Class", allow_custom_value=True)
+    c["class_label"] = gr.Dropdown(
+        names, value=names[0][1] if names else None, label="Class", allow_custom_value=True, filterable=True,
+        info="type to filter by name or id; ids, names and synonyms can also be typed",
+    )
     with gr.Row():
         c["seed"] = gr.Number(0, label="Seed", precision=0, minimum=0, scale=3)
         c["dice"] = gr.Button("Random", scale=1, min_width=60)
@@ -894,6 +955,7 @@ def _watch_tab() -> dict:
         w["play"] = gr.Button("Play", scale=1, min_width=60)
         w["pause"] = gr.Button("Pause", scale=1, min_width=60)
         w["fps"] = gr.Slider(1, 20, value=4, step=1, label="Steps per second", scale=2)
+        w["full"] = gr.Button("Full VAE decode of this step", scale=1, min_width=80)
     w["final"] = gr.Gallery(label="Final images", elem_id="final", columns=8, rows=1, height=200, object_fit="contain")
     with gr.Row():
         w["sched"] = gr.LinePlot(x="step", y="log-SNR", color="series", title="Noise schedule: log-SNR after each step", height=240, elem_id="sched_plot")
@@ -911,7 +973,9 @@ def _experiments_tab(names: list[str]) -> dict:
     e["question"] = gr.Markdown(CARDS["swap-coarse"][0])
     with gr.Row():
         e["other_seed"] = gr.Number(100, label="B: seed", precision=0, minimum=0)
-        e["other_class"] = gr.Dropdown(names, value=names[1] if len(names) > 1 else None, label="B: class", allow_custom_value=True)
+        e["other_class"] = gr.Dropdown(
+            names, value=names[1][1] if len(names) > 1 else None, label="B: class", allow_custom_value=True, filterable=True
+        )
         e["from_step"] = gr.Number(1, label="From step", precision=0, minimum=1)
         e["weights"] = gr.Textbox("4, 1, 1", label="Guidance per branch (coarse to fine)")
         e["zero"] = gr.Checkbox(False, label="Zero instead of freeze")
@@ -974,6 +1038,7 @@ def _wire_watch(c: dict, w: dict, run, timer) -> None:
     c["stop"].click(None, None, None, cancels=[gen_event], api_visibility="private")
     c["dice"].click(lambda: int(np.random.default_rng().integers(0, 2**31 - 1)), None, c["seed"], api_visibility="private", queue=False)
     w["slider"].change(scrub, [w["slider"], run], [w["panels"], w["status"], w["sched"], w["settle"], w["adds"]], api_name="scrub", show_progress="hidden")
+    w["full"].click(full_decode, [w["slider"], run], [w["panels"], w["status"]], api_name="full_decode")
     w["play"].click(play, [w["slider"], run, w["fps"]], [w["slider"], timer], api_visibility="private", queue=False)
     w["pause"].click(lambda: gr.Timer(active=False), None, timer, api_visibility="private", queue=False)
     w["fps"].change(set_speed, w["fps"], timer, api_visibility="private", queue=False)
@@ -1057,4 +1122,6 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
+    if on_space() and os.environ.get("MRDIT_PREPARE_RELEASED", "1") != "0":
+        prepare_released_in_background()
     build_demo().launch(css=CSS, max_file_size=MAX_BUNDLE_BYTES)

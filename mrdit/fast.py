@@ -35,7 +35,8 @@ class FastForward:
     and through `torch.compile` when `compile`.
 
     Graphs are captured lazily for each (x shape, t shape, y shape) and kept (`max_graphs` at most,
-    oldest dropped); outputs are copied out of the graph's buffers, so callers may keep them.
+    oldest dropped); outputs are copied out of the graph's buffers, so callers may keep them, and one
+    lock makes capture and replay safe for concurrent callers (`_graph_call`).
     The compiled network is used only after `warm_up` (which may run in a background thread while
     calls go to the plain network), and only for what the warm-up compiled: one shared time step and
     batches of 2 or more (the compiler specialises batch 1). Anything else, or a failed compile (no C++
@@ -62,6 +63,7 @@ class FastForward:
         self.warmup = warmup
         self.max_graphs = max_graphs
         self._graphs: dict[tuple, _Graph] = {}
+        self._lock = threading.Lock()  # guards the graphs' shared buffers and their capture
         self.compile = compile
         self.compile_state = "off" if not compile else "not compiled"  # -> compiling -> ready | failed: ...
         on_cuda = next(model.parameters()).is_cuda
@@ -116,21 +118,27 @@ class FastForward:
             self.calls["compiled" if use_compiled else "plain"] += 1
             with self._autocast(x.device):
                 return [o.float() for o in net(x, t, y)]
-        t = t.to(x.device, torch.float32)
-        y = y.to(x.device)
+        return self._graph_call(x, t.to(x.device, torch.float32), y.to(x.device))
+
+    def _graph_call(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """Capture (once per shape) and replay under one lock: a graph has one set of input and output
+        buffers, so two callers (two users of the app) must not fill and read them interleaved. The lock
+        is held while the host enqueues copy-in, replay and copy-out, not while the GPU runs them: the
+        work of one stream runs in order anyway, so concurrent requests lose little."""
         key = (tuple(x.shape), x.dtype, tuple(t.shape), tuple(y.shape), y.dtype)
-        g = self._graphs.get(key)
-        if g is None:
-            g = self._capture(x, t, y)
-            if len(self._graphs) >= self.max_graphs:
-                self._graphs.pop(next(iter(self._graphs)))
-            self._graphs[key] = g
-        g.x.copy_(x)
-        g.t.copy_(t)
-        g.y.copy_(y)
-        g.graph.replay()
-        self.calls["graph"] += 1
-        return [o.clone() for o in g.outs]
+        with self._lock:
+            g = self._graphs.get(key)
+            if g is None:
+                g = self._capture(x, t, y)
+                if len(self._graphs) >= self.max_graphs:
+                    self._graphs.pop(next(iter(self._graphs)))
+                self._graphs[key] = g
+            g.x.copy_(x)
+            g.t.copy_(t)
+            g.y.copy_(y)
+            g.graph.replay()
+            self.calls["graph"] += 1
+            return [o.clone() for o in g.outs]
 
     def _capture(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> _Graph:
         sx, st, sy = x.clone(), t.clone(), y.clone()
@@ -168,4 +176,5 @@ class FastForward:
 
     def clear(self) -> None:
         """Drop the captured graphs (and the memory they hold)."""
-        self._graphs.clear()
+        with self._lock:
+            self._graphs.clear()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import load_model, resolve_model_dir
+from .classes import ClassIndex, ClassLookupError, read_synonyms
 from .config import ModelConfig
 from .fast import FastForward
 from .interventions import Intervention, check_intervention
+from .preview import VAE_KIND, cached_linear_preview
 from .sampling import MAX_STEPS, SAMPLERS, StepState, iterate, noise_for_seeds
 from .visual import to_uint8
 
@@ -32,6 +34,8 @@ DEFAULT_GUIDANCE = 4.0  # w for the demos: best Frechet distance of 4/5/6/8 (tra
 # (93.2% vs 89.2% over 600 samples) for 1.2 more Frechet distance, at the same cost (README, Quality).
 DEFAULT_SAMPLER = "dpm++2m-sde"
 PREVIEW_MAX = 128  # decoded previews of latent models are stored at most this size
+VAE_DIR = "vae"  # a model directory's own copy of its autoencoder (AutoencoderKL.save_pretrained)
+SYNONYMS_NAME = "class_synonyms.json"  # optional other class names beside config.json (mrdit.classes)
 
 
 class InputError(ValueError):
@@ -64,6 +68,9 @@ class Preview:
     nfe: int
     x_t: torch.Tensor  # (B, 3, H, W)
     branches: list[torch.Tensor]  # K x (B, 3, h_k, w_k)
+    kind: str = ""  # how it was decoded: "pixels", "VAE decode" or "linear approximation"
+    latents: list[torch.Tensor] | None = None  # x_t and each x0 (bfloat16, CPU) when kind is an approximation
+    full: Preview | None = None  # the VAE decode of `latents`, once asked for (`Pipeline.full_preview`)
 
 
 @dataclass
@@ -81,29 +88,40 @@ class GenerationResult:
 class PixelDecoder:
     """Pixel-space models: the data is the image."""
 
+    kind = "pixels"
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
 
 class LatentDecoder:
-    """Latent models: the Stable Diffusion VAE (diffusers.AutoencoderKL), decode(z / scale_factor)."""
+    """Latent models: the Stable Diffusion VAE (diffusers.AutoencoderKL), decode(z / scale_factor).
+
+    A model directory with a `vae/` folder (`AutoencoderKL.save_pretrained`) uses that copy, so that a
+    converted release loads without the Hub."""
+
+    kind = VAE_KIND
 
     def __init__(self, vae: torch.nn.Module, scale_factor: float) -> None:
         self.vae = vae.eval()
         self.scale_factor = scale_factor
 
     @classmethod
-    def from_config(cls, config: ModelConfig, device: str | torch.device = "cpu") -> LatentDecoder:
+    def from_config(
+        cls, config: ModelConfig, device: str | torch.device = "cpu", directory: str | Path | None = None
+    ) -> LatentDecoder:
         try:
             from diffusers import AutoencoderKL
         except ImportError as e:
             raise InputError("latent models need the optional dependency diffusers (pip install diffusers)") from e
         ae = config.autoencoder
         assert ae is not None
+        local = Path(directory) / VAE_DIR if directory is not None else None
+        source = str(local) if local is not None and (local / "config.json").is_file() else ae.repo_id
         try:
-            vae = AutoencoderKL.from_pretrained(ae.repo_id).to(device)
+            vae = AutoencoderKL.from_pretrained(source).to(device)
         except Exception as e:
-            raise InputError(f"could not load the autoencoder {ae.repo_id!r}: {type(e).__name__}: {e}") from None
+            raise InputError(f"could not load the autoencoder {source!r}: {type(e).__name__}: {e}") from None
         return cls(vae, ae.scale_factor)
 
     @torch.no_grad()
@@ -123,13 +141,24 @@ class Pipeline:
     Worth it for many images, not for one."""
 
     def __init__(
-        self, model: torch.nn.Module, decoder=None, name: str = "", fast: bool | None = None, compile: bool = False
+        self,
+        model: torch.nn.Module,
+        decoder=None,
+        name: str = "",
+        fast: bool | None = None,
+        compile: bool = False,
+        previewer=None,
+        synonyms: Mapping[int, Sequence[str]] | None = None,
     ) -> None:
         self.model = model.eval()
         self.config: ModelConfig = model.config
         self.decoder = decoder if decoder is not None else (PixelDecoder() if self.config.autoencoder is None else None)
         if self.decoder is None:
             raise ValueError("a latent model needs a decoder (LatentDecoder.from_config)")
+        # Per-step previews: the decoder itself unless a cheaper map is given (LinearPreview for latents).
+        self.previewer = previewer if previewer is not None else self.decoder
+        self.synonyms = dict(synonyms or {})
+        self._classes: ClassIndex | None = None
         self.name = name
         self.device = next(model.parameters()).device
         cuda = self.device.type == "cuda"
@@ -145,12 +174,25 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path_or_repo: str | Path, device: str | torch.device = "cpu", compile: bool = False
+        cls,
+        path_or_repo: str | Path,
+        device: str | torch.device = "cpu",
+        compile: bool = False,
+        full_previews: bool = False,
     ) -> Pipeline:
+        """Load a model directory; latent models get their VAE (the directory's `vae/` if there) and a
+        linear preview (cached beside the model as `preview.safetensors`) unless `full_previews`."""
         directory = resolve_model_dir(path_or_repo)
         model = load_model(directory, device=device)
-        decoder = None if model.config.autoencoder is None else LatentDecoder.from_config(model.config, device)
-        return cls(model, decoder, name=str(path_or_repo), compile=compile)
+        decoder, previewer = None, None
+        ae = model.config.autoencoder
+        if ae is not None:
+            decoder = LatentDecoder.from_config(model.config, device, directory)
+            if not full_previews:
+                previewer = cached_linear_preview(directory, decoder.vae, ae.scale_factor, model.config.image_size)
+        syn = directory / SYNONYMS_NAME
+        synonyms = read_synonyms(syn) if syn.is_file() else None
+        return cls(model, decoder, name=str(path_or_repo), compile=compile, previewer=previewer, synonyms=synonyms)
 
     def compile_in_background(self, batches: Sequence[int] = (2, 16)) -> threading.Thread | None:
         """On the CPU: compile the network (`torch.compile`) in a background thread for the batch sizes a
@@ -168,24 +210,21 @@ class Pipeline:
         n = self.config.num_classes - 1
         return list(self.config.class_names) if self.config.class_names else [f"class {i}" for i in range(n)]
 
+    @property
+    def classes(self) -> ClassIndex:
+        """The class lookup (names, ids, synonyms); `class_synonyms.json` beside the model adds synonyms."""
+        if self._classes is None or len(self._classes) != len(self.class_names):
+            self._classes = ClassIndex(self.class_names, self.synonyms)
+        return self._classes
+
     def resolve_label(self, label: int | str) -> int:
-        """A class id from an id or a (case-insensitive) name; never the null label."""
-        names = self.class_names
-        if isinstance(label, bool):
-            raise InputError(f"class must be a name or an id, got {label!r}")
-        if isinstance(label, (int, np.integer)) or (isinstance(label, str) and label.strip().lstrip("-").isdigit()):
-            i = int(label)
-            if not 0 <= i < len(names):
-                raise InputError(f"class id {i} is out of range: this model has classes 0..{len(names) - 1}")
-            return i
-        if isinstance(label, str):
-            key = label.strip().lower()
-            for i, n in enumerate(names):
-                if n.lower() == key:
-                    return i
-            shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-            raise InputError(f"unknown class {label!r}; known classes: {shown}")
-        raise InputError(f"class must be a name or an id, got {type(label).__name__}")
+        """A class id from an id, a name (exact first, then case-insensitive) or a synonym; never the null label."""
+        if isinstance(label, np.integer):
+            label = int(label)
+        try:
+            return self.classes.lookup(label)
+        except ClassLookupError as e:
+            raise InputError(str(e)) from None
 
     def validate(
         self,
@@ -238,14 +277,20 @@ class Pipeline:
             model=self.name,
         )
 
-    def decode_preview(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def preview_kind(self) -> str:
+        """What the per-step panels show: "pixels", "VAE decode" or "linear approximation"."""
+        return getattr(self.previewer, "kind", "")
+
+    def decode_preview(self, x: torch.Tensor, decode=None) -> torch.Tensor:
         """To image space, float16 on the CPU, at most PREVIEW_MAX pixels (memory-bounded trajectories)."""
-        img = self.decoder(x).clamp(-1, 1)
+        img = (decode or self.previewer)(x).clamp(-1, 1)
         if img.shape[-1] > PREVIEW_MAX:
             img = F.interpolate(img, size=(PREVIEW_MAX, PREVIEW_MAX), mode="area")
         return img.to("cpu", torch.float16)
 
     def preview(self, state: StepState) -> Preview:
+        approximate = self.previewer is not self.decoder
         return Preview(
             index=state.index,
             total=state.total,
@@ -254,7 +299,27 @@ class Pipeline:
             nfe=state.nfe,
             x_t=self.decode_preview(state.x),
             branches=[self.decode_preview(x0) for x0 in state.x0],
+            kind=self.preview_kind,
+            latents=[z.to("cpu", torch.bfloat16) for z in (state.x, *state.x0)] if approximate else None,
         )
+
+    def full_preview(self, pv: Preview) -> Preview:
+        """The same step decoded by the full decoder (for a step the user is looking at); cached on `pv`."""
+        if pv.latents is None:
+            return pv
+        if pv.full is None:
+            x_t, *x0 = (self.decode_preview(z.to(self.device, torch.float32), self.decoder) for z in pv.latents)
+            pv.full = Preview(
+                pv.index,
+                pv.total,
+                pv.t,
+                pv.log_snr,
+                pv.nfe,
+                x_t,
+                list(x0),
+                kind=getattr(self.decoder, "kind", VAE_KIND),
+            )
+        return pv.full
 
     def stream(
         self, settings: Settings, previews: bool = True, intervention: Intervention | None = None

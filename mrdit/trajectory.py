@@ -49,10 +49,11 @@ class Frame:
     x_t: torch.Tensor  # (B, 3, H, W) decoded preview of x_t, in [-1, 1]
     branches: list[torch.Tensor]  # K x (B, 3, h_k, w_k) each branch's clean estimate, decoded
     x: torch.Tensor  # (B, C, S, S) the sampler's state in model space
+    latents: list[torch.Tensor] | None = None  # latent models: x_t and each estimate, for a full decode (not saved)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [self.x_t, self.x, *self.branches])
+        return sum(t.numel() * t.element_size() for t in [self.x_t, self.x, *self.branches, *(self.latents or [])])
 
 
 def kept_indices(total: int, capacity: int) -> list[int]:

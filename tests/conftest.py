@@ -143,15 +143,6 @@ def emoji_data(tmp_path_factory, fake_npm) -> Path:
 
 def tiny_vae():
     """A small, randomly initialised diffusers AutoencoderKL (2x downsampling, 4 latent channels)."""
-    import diffusers
+    from mrdit.vae import random_vae
 
-    return diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=4,
-    )
+    return random_vae("tiny", seed=None).train()

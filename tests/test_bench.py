@@ -54,3 +54,29 @@ def test_saved_memory_counts_less_with_a_memory_budget(tmp_path):
     assert 0 < kept["blocks@0.25"] < kept["plain"]  # the compiled backward recomputes instead of keeping
     r = subprocess.run([*cmd, "--cases", "0:ckpt"], capture_output=True, text=True)
     assert r.returncode == 2 and "checkpointing hides" in r.stderr
+
+
+def test_gpu_smoke_runs_on_the_cpu_with_a_small_preset(tmp_path):
+    out = tmp_path / "smoke.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu_smoke.py"), "--device", "cpu", "--vae", "tiny"]
+    cmd += ["--official-config", str(ROOT / "tests" / "data" / "parity" / "tiny_2r.json"), "--steps", "3"]
+    r = subprocess.run([*cmd, "--images", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert 0 < res["first_preview_s"] <= res["first_total_s"] and 0 < res["second_preview_s"] <= res["second_total_s"]
+    assert res["peak_memory_mib"] > 0 and "first preview after" in r.stdout and "peak memory" in r.stdout
+
+
+def test_preview_overhead_bench_reports_both_ratios(tmp_path):
+    out = tmp_path / "preview.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "preview_overhead.py"), "--vae", "tiny", "--steps", "3"]
+    r = subprocess.run(
+        [*cmd, "--images", "2", "--repeat", "1", "--full-steps", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["sampling_plain_s"] > 0 and res["ratio_within_runs"] >= 1 and res["full_vae_ratio_within_run"] > 1
+    assert "within the previewing runs" in r.stdout

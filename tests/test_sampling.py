@@ -282,7 +282,12 @@ def test_latent_model_decodes_with_tiny_autoencoder(tmp_path):
     assert isinstance(pipe.decoder, LatentDecoder) and pipe.decoder.scale_factor == 0.5
     res = pipe.generate([0, 1], [0, 1], steps=3, guidance=1.5, keep_trajectory=True)
     assert res.images[0].size == (32, 32)  # 16x16 latents, 2x upsampling decoder
-    assert len(res.trajectory) == 3 and res.trajectory[0].branches[0].shape[-1] == 8
+    # per-step previews: the linear latent-to-RGB map, at each branch's latent grid (4x4 for branch 0)
+    assert len(res.trajectory) == 3 and res.trajectory[0].branches[0].shape[-1] == 4
+    assert res.trajectory[0].kind == "linear approximation" and (tmp_path / "latent" / "preview.safetensors").is_file()
+    full = Pipeline.from_pretrained(tmp_path / "latent", full_previews=True)
+    pv = full.generate([0, 1], [0, 1], steps=1, keep_trajectory=True).trajectory[0]
+    assert pv.kind == "VAE decode" and pv.branches[0].shape[-1] == 8  # decoded: 2x the latent grid
     assert load_model(tmp_path / "latent").config.autoencoder.scale_factor == 0.5
 
 
