@@ -116,14 +116,18 @@ def test_released_model_classes_previews_and_full_decode(served):
     with pytest.raises(app.InputError, match="several classes"):
         pipe.resolve_label("CARDIGAN")
     outs = list(app.generate("cardigan", 3, 4, 2.0, "dpm++2m", 2, LABEL))
-    panels, final, status, traj = outs[-1][:4]
+    panels, final, status, run = outs[-1][:4]
     assert len(final) == 2 and final[0].shape == (64, 64, 3)  # decoded by the (2x) VAE
-    assert "preview: linear approximation" in status and traj.settings.labels == (474, 474)
-    pv = traj.previews[1]
-    assert [tuple(b.shape) for b in pv.branches] == [(2, 3, 16, 16), (2, 3, 32, 32)]  # each branch's own grid
-    full = pipe.full_preview(pv)
+    assert "preview: linear approximation" in status and run.settings.labels == (474, 474)
+    frame = run.traj.frames[1]
+    assert [tuple(b.shape) for b in frame.branches] == [(2, 3, 16, 16), (2, 3, 32, 32)]  # each branch's own grid
+    sheet, status = app.full_decode(2, run)  # the step being looked at, through the full VAE
+    full = run.measures["full"][2]
+    assert "preview: VAE decode" in status and "linear" not in status
     assert full.kind == "VAE decode" and [tuple(b.shape) for b in full.branches] == [(2, 3, 32, 32), (2, 3, 64, 64)]
-    assert pipe.full_preview(pv) is full  # decoded once
+    app.full_decode(2, run)
+    assert run.measures["full"][2] is full  # decoded once
+    assert sheet.shape[1] >= 4 * app.DISPLAY
     assert panels.shape[1] >= 4 * app.DISPLAY  # x_t, two branches, what the fine branch added
 
 
