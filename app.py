@@ -863,9 +863,14 @@ def compare_scrub(step, runs):
 INTRO = """# mrdit: watch a multi-resolution diffusion model think
 **DiMR** runs a *transformer* on a coarse grid and *convolutional branches* on grids twice as fine, each
 making its own prediction. Every solver step below shows the noisy image **x_t** and **each branch's
-own estimate of the clean image at its own resolution**, coarse to fine."""
+own estimate of the clean image at its own resolution**, coarse to fine: the layout settles first,
+the fine detail in the last few steps."""
 
-FINDINGS = """**What the measure shows.** MEASURED"""
+FINDINGS = """**What the measure shows** (the shipped emoji models, 192 images each, default settings:
+`docs/coarse-to-fine.md`). The 8x8 layout of the estimate is within 10% of the final image's from
+step 15 of 25 (median), the finer bands only from steps 23 and 24: coarse to fine. In the first steps
+only 30-60% of what a finer branch adds is detail its coarser neighbour cannot hold (the rest changes
+the layout); from step 12 on it is over 94%."""
 
 EXPLAIN = """**Reading the panels.** *x_t* is the current noisy image the sampler holds. A *branch* is one
 resolution of the network; its panel is that branch's estimate of the finished image (its noise
@@ -890,17 +895,20 @@ CARDS = {
     "swap-coarse": (
         "**Swap the coarse branch.** Does the layout come from the coarse branch? Run B again, but hand its "
         "finer branches the coarse features that A's transformer computed for A's own x_t.",
-        "Look at the hybrid: if its layout is A's and its fine detail B's, the coarse branch decides the layout.",
+        "Measured (192 runs, `docs/branch-experiments.md`): the hybrid's layout is far closer to A's than to B's "
+        "(0.53 vs 0.93 of the A-B distance; 89% of hybrids nearer A), and even its detail leans to A.",
     ),
     "freeze-coarse": (
         "**Freeze the coarse branch.** What does the coarse branch still contribute late in sampling? From "
         "step k on, the finer branches get the coarse features of step k (or zeros).",
-        "Freezing late changes little if the coarse branch has already said what it has to say.",
+        "Measured: frozen from step 13 of 25 the layout stays (0.14 of its size off) but the detail drifts "
+        "(0.41, 0.61); zeroed, the class is lost (17% recognised against 92%).",
     ),
     "branch-guidance": (
         "**Guidance per branch.** Where is the class decided? Classifier-free guidance with one weight per "
         "branch: each branch's hand-off (and the finest branch's prediction) is extrapolated by its own w.",
-        "Ordinary guidance with w is `1, ..., 1, w`; `4, 1, 1` guides only the coarse features.",
+        "Ordinary guidance with w is `1, ..., 1, w`; `4, 1, 1` guides only what the transformer hands on. "
+        "Measured: that alone recovers all of guidance's class accuracy (70% -> 92%): the class is decided there.",
     ),
 }
 
