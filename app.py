@@ -225,7 +225,7 @@ class Run:
     headers: list[str]
     settings: Settings | None = None  # None for a run loaded from a bundle
     stepper: Iterator | None = None  # the paused sampler of step mode
-    measures: dict = field(default_factory=dict)  # plots computed once per finished run
+    cache: dict = field(default_factory=dict)  # plots of the finished run, full decodes, step mode's pipeline
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
@@ -302,13 +302,17 @@ def measure_frames(run: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The coarse-to-fine measure of a finished run (cached): per band, the finest estimate's relative
     distance to the final image; per finer branch, the share of what it added that its coarser grid
     cannot hold."""
-    if "settle" in run.measures:
-        return run.measures["settle"], run.measures["adds"]
+    if "settle" in run.cache:
+        return run.cache["settle"], run.cache["adds"]
+    if not run.traj.finished:  # nothing to compare with yet
+        return pd.DataFrame([{"step": 0, "distance to final": 0.0, "band": "-"}]), pd.DataFrame(
+            [{"step": 0, "new-detail share": 0.0, "branch": "-"}]
+        )
     traj = run.traj
     settle = pd.DataFrame([{"step": 0, "distance to final": 0.0, "band": "-"}])
     adds = pd.DataFrame([{"step": 0, "new-detail share": 0.0, "branch": "-"}])
     grids = [b.shape[-1] for b in traj.frames[0].branches] if traj.frames else []
-    if traj.finished and len(grids) > 1 and all(b > a and b % a == 0 for a, b in zip(grids, grids[1:])):
+    if len(grids) > 1 and all(b > a and b % a == 0 for a, b in zip(grids, grids[1:])):
         final = traj.frames[-1].branches[-1].float()
         curves = settling_curves([f.branches[-1] for f in traj.frames], final, grids)  # (T, nb)
         names = band_names(grids)
@@ -327,7 +331,7 @@ def measure_frames(run: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
                 share = float(energy[k - 1, k]) / total if total > 0 else 0.0
                 rows.append({"step": f.step, "new-detail share": share, "branch": f"branch {k} ({grids[k]}x{grids[k]})"})
         adds = pd.DataFrame(rows)
-    run.measures.update(settle=settle, adds=adds)
+    run.cache.update(settle=settle, adds=adds)
     return settle, adds
 
 
@@ -449,7 +453,7 @@ def full_decode(step, run: Run | None):
         return gr.update(), status_text(frame, run.traj) + " · these panels are exact already"
     try:
         pipe = MODELS.get(run.model)
-        cache = run.measures.setdefault("full", {})
+        cache = run.cache.setdefault("full", {})
         if frame.step not in cache:
             pv = Preview(frame.step - 1, run.traj.total, frame.t, frame.log_snr, frame.nfe, frame.x_t, frame.branches,
                          latents=frame.latents)
@@ -496,7 +500,7 @@ def step_start(class_label, seed, steps, guidance, sampler, num_images, model):
     """Step mode: a paused sampler for this session (nothing computed yet) and the whole planned schedule."""
     pipe, run = _new_run(model, class_label, seed, num_images, steps, guidance, sampler)
     run.stepper = pipe.stream(run.settings)
-    run.measures["pipe"] = pipe
+    run.cache["pipe"] = pipe
     msg = (
         f"Step mode ready: {run.traj.total} steps of {run.settings.sampler}, all {run.traj.total} planned on the "
         "schedule plot. Press **Next step**."
@@ -521,7 +525,7 @@ def step_next(run: Run | None):
     run.traj.add(state.index, frame)
     done = state.index + 1 == state.total
     if done:
-        _finish(run.measures.pop("pipe"), run, state.x)
+        _finish(run.cache.pop("pipe"), run, state.x)
         run.stepper = None
     status = status_text(frame, run.traj) + (" · finished" if done else " · paused")
     sched, settle, adds = plots(run, frame.step) if done else (schedule_plot(run.traj, frame.step), gr.update(), gr.update())
@@ -769,6 +773,20 @@ def tdln(model, step=None, run: Run | None = None, view: str = TDLN_VIEWS[0]):
     return df
 
 
+def follow_step(step, run: Run | None):
+    total = run.traj.total if run is not None else 2
+    return gr.update(value=step, maximum=max(total, 2), interactive=run is not None)
+
+
+def attention_ranges(model):
+    """Layer and head choices for the transformer branch of the chosen model."""
+    try:
+        spec = MODELS.get(model).config.branches[0]
+    except Exception:
+        return gr.update(), gr.update()
+    return gr.update(maximum=max(spec.blocks, 2), value=1), gr.update(choices=["mean"] + [str(h) for h in range(1, spec.heads + 1)], value="mean")
+
+
 def tdln_frame(curves: TDCurves, gates: bool = False) -> pd.DataFrame:
     """TD-norm curves as a long table for the line plot: per branch and kind (mean over blocks), the
     scales and weights (RMS over channels; biases left out) or their mean mixing gates."""
@@ -994,13 +1012,13 @@ def _experiments_tab(names: list[str]) -> dict:
     return e
 
 
-def _inside_tab() -> dict:
+def _inside_tab(layers: int, heads: int) -> dict:
     i = {}
     gr.Markdown("**Attention of the class token.** The transformer prepends a class token to the coarse grid. For a step of the current run, a block (layer) and a head, the heat map shows how strongly the class token attends to each grid cell, over x_t and over the finest estimate.")
     with gr.Row():
         i["step"] = gr.Slider(1, 2, value=1, step=1, label="Step")
-        i["layer"] = gr.Slider(1, 8, value=1, step=1, label="Layer (block)")
-        i["head"] = gr.Dropdown(["mean"] + [str(h) for h in range(1, 17)], value="mean", label="Head")
+        i["layer"] = gr.Slider(1, max(layers, 2), value=1, step=1, label="Layer (block)")
+        i["head"] = gr.Dropdown(["mean"] + [str(h) for h in range(1, heads + 1)], value="mean", label="Head")
     i["show"] = gr.Button("Show attention")
     i["sheet"] = gr.Image(label="Class-token attention", elem_id="att_sheet", format="png", interactive=False)
     i["caption"] = gr.Markdown()
@@ -1073,7 +1091,8 @@ def _wire_inside(c: dict, i: dict, w: dict, run) -> None:
     i["show"].click(attention, [i["step"], i["layer"], i["head"], run], [i["sheet"], i["caption"]], api_name="attention")
     i["tdln_btn"].click(tdln, [c["model"], w["slider"], run, i["tdln_view"]], i["tdln"], api_name="tdln")
     # The attention step follows the Watch slider, so both tabs look at the same step.
-    w["slider"].change(lambda s: gr.update(value=s, maximum=max(int(s or 1), 2)), w["slider"], i["step"], api_visibility="private", queue=False)
+    w["slider"].change(follow_step, [w["slider"], run], i["step"], api_visibility="private", queue=False)
+    c["model"].change(attention_ranges, c["model"], [i["layer"], i["head"]], api_visibility="private")
 
 
 def _wire_compare(c: dict, k: dict) -> None:
@@ -1096,10 +1115,12 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
     choices = model_choices()
     default = default_model or (DEFAULT_MODEL if DEFAULT_MODEL in choices else (choices[0] if choices else DEFAULT_MODEL))
     try:
-        names = class_choices(MODELS.get(default))
+        pipe = MODELS.get(default)
+        names, spec = class_choices(pipe), pipe.config.branches[0]
+        layers, heads = spec.blocks, max(spec.heads, 1)
     except Exception:  # the page still loads; choosing a working model fills the classes
         log.exception("default model %s failed to load", default)
-        names = []
+        names, layers, heads = [], 8, 16
     with gr.Blocks(title="mrdit: multi-resolution diffusion, step by step", delete_cache=(600, 3600)) as demo:
         gr.Markdown(INTRO)
         run = gr.State(None)
@@ -1112,7 +1133,7 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
                 with gr.Tab("Experiments"):
                     e = _experiments_tab(names)
                 with gr.Tab("Inside the network"):
-                    i = _inside_tab()
+                    i = _inside_tab(layers, heads)
                 with gr.Tab("Compare"):
                     k = _compare_tab()
                 with gr.Tab("Runs"):

@@ -81,9 +81,11 @@ def test_step_mode_shows_the_whole_planned_schedule_from_the_start(weights):
     out = app.step_next(run)
     assert "step 1 / 5" in out[2]
     assert len(out[5][out[5].series == "planned schedule"]) == 4
+    app.scrub(1, run)  # looking back before the end: the measure has nothing to compare with yet
     for _ in range(4):
         out = app.step_next(run)
     assert "step 5 / 5" in out[2] and out[1] is not None and run.stepper is None
+    assert {"4x4 layout", "4-8", "8-16"} <= set(out[6].band)  # the measure of the finished run
 
 
 def test_a_thousand_step_run_ends_at_the_last_step_within_the_budget(weights, monkeypatch):

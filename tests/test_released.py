@@ -122,11 +122,11 @@ def test_released_model_classes_previews_and_full_decode(served):
     frame = run.traj.frames[1]
     assert [tuple(b.shape) for b in frame.branches] == [(2, 3, 16, 16), (2, 3, 32, 32)]  # each branch's own grid
     sheet, status = app.full_decode(2, run)  # the step being looked at, through the full VAE
-    full = run.measures["full"][2]
+    full = run.cache["full"][2]
     assert "preview: VAE decode" in status and "linear" not in status
     assert full.kind == "VAE decode" and [tuple(b.shape) for b in full.branches] == [(2, 3, 32, 32), (2, 3, 64, 64)]
     app.full_decode(2, run)
-    assert run.measures["full"][2] is full  # decoded once
+    assert run.cache["full"][2] is full  # decoded once
     assert sheet.shape[1] >= 4 * app.DISPLAY
     assert panels.shape[1] >= 4 * app.DISPLAY  # x_t, two branches, what the fine branch added
 
