@@ -257,9 +257,11 @@ def test_run_folder_and_kill_resume_is_exact(tmp_path, emoji_data):
             time.sleep(0.01)
         time.sleep(0.05 * attempt)
         p.send_signal(signal.SIGKILL)
-        p.wait()
+        assert p.wait() == -signal.SIGKILL, "the run ended before the kill"
         state = load_latest_state(run)  # never a checkpoint that fails to load
         assert state is not None
+        # The kill landed mid-run: past this attempt's target, before the final step, not finished.
+        assert target <= state["step"] < 24 and not (run / "DONE").exists(), (attempt, state["step"])
     r = _run(cfg, run)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from step" in r.stdout
