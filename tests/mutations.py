@@ -194,6 +194,8 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, 
     except subprocess.TimeoutExpired:
         return -1, f"timed out after {timeout:.0f} s"
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)
+    if r.returncode == 0:
+        return 0, "-"
     return r.returncode, (failed[0] if failed else r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "")
 
 
