@@ -7,16 +7,22 @@ import os
 import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
+import torch
 from conftest import ROOT
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 sys.path.insert(0, str(ROOT))
 import app  # noqa: E402
+from mrdit.pipeline import MAX_SEED  # noqa: E402
+from mrdit.sampling import MAX_STEPS  # noqa: E402
 
 
 def free_port() -> int:
@@ -86,24 +92,88 @@ def test_bad_inputs_are_gr_errors(weights, args):
         list(app.generate(*args, model="tiny"))
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    st.one_of(st.text(max_size=8), st.integers(-5, 5)),
-    st.one_of(st.integers(-3, 2**64), st.floats(allow_nan=True)),
-    st.one_of(st.integers(-2, 3), st.floats(allow_nan=True)),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from(["ddim", "dpm++2m", "dpm++2m-sde", "x", ""]),
-)
-def test_fuzz_inputs_give_results_or_gr_errors(class_label, seed, steps, guidance, sampler):
-    old = app.WEIGHTS
-    try:
-        out = list(app.generate(class_label, seed, steps, guidance, sampler, 1, "tiny"))
-        assert out[-1][1] is not None  # final images
-        assert guidance >= 0 and math.isfinite(guidance)
-    except gr.Error:
-        pass
-    finally:
-        app.WEIGHTS = old
+# The fuzzed inputs, each with whether the app must accept it. The model "tiny" of the `weights`
+# fixture has the classes face and heart (ids 0 and 1); names are case-insensitive, ids may be strings.
+CLASS_CASES = {"face": True, "Heart": True, " face ": True, "1": True, "0": True, 0: True, 1: True}
+CLASS_CASES |= {"2": False, "-1": False, "dragon": False, "": False, 2: False, -1: False, None: False, 1.5: False}
+SAMPLER_CASES = {s: True for s in app.SAMPLERS} | {"x": False, "": False, "DDIM": False}
+
+
+# Each field of a request: (valid values, invalid values).
+FIELDS = [
+    (
+        st.sampled_from([k for k, ok in CLASS_CASES.items() if ok]),
+        st.sampled_from([k for k, ok in CLASS_CASES.items() if not ok]),
+    ),
+    (
+        st.one_of(st.integers(0, MAX_SEED), st.integers(0, 99).map(float), st.just("7")),
+        st.one_of(st.integers(-3, -1), st.integers(MAX_SEED + 1, 2**64), st.floats(), st.sampled_from(["x", "-1"])),
+    ),
+    (
+        st.one_of(st.integers(1, 3), st.just(2.0)),
+        st.one_of(st.integers(-2, 0), st.sampled_from([2.5, float("nan"), MAX_STEPS + 1, True])),
+    ),
+    (st.floats(0, 8), st.one_of(st.floats(max_value=-1e-6), st.sampled_from([float("nan"), float("inf")]))),
+    (
+        st.sampled_from([k for k, ok in SAMPLER_CASES.items() if ok]),
+        st.sampled_from([k for k, ok in SAMPLER_CASES.items() if not ok]),
+    ),
+]
+
+
+@st.composite
+def requests(draw):
+    """Requests with none, one or two fields drawn from the invalid values (measured: two thirds valid)."""
+    broken = draw(st.sets(st.integers(0, len(FIELDS) - 1), max_size=2)) if draw(st.booleans()) else set()
+    return tuple(draw(bad if i in broken else good) for i, (good, bad) in enumerate(FIELDS))
+
+
+def _seed_ok(seed) -> bool:
+    if isinstance(seed, str):
+        return seed.isdigit()
+    if isinstance(seed, float):
+        return math.isfinite(seed) and seed.is_integer() and 0 <= seed <= MAX_SEED
+    return 0 <= seed <= MAX_SEED
+
+
+def _steps_ok(steps) -> bool:
+    ok_type = isinstance(steps, int) or (isinstance(steps, float) and math.isfinite(steps) and steps.is_integer())
+    return ok_type and not isinstance(steps, bool) and 1 <= steps <= MAX_STEPS
+
+
+def test_fuzz_inputs_give_results_or_gr_errors(weights):
+    """Every fuzzed request either streams to final images or is a gr.Error with a message for the user
+    (never the catch-all of a crash); exactly the valid ones produce images."""
+    seen: dict[tuple, bool] = {}
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None)
+    @given(requests())
+    def run(request):
+        class_label, seed, steps, guidance, sampler = request
+        valid = (
+            CLASS_CASES[class_label]
+            and _seed_ok(seed)
+            and _steps_ok(steps)
+            and math.isfinite(guidance)
+            and guidance >= 0
+            and SAMPLER_CASES[sampler]
+        )
+        try:
+            out = list(app.generate(class_label, seed, steps, guidance, sampler, 1, "tiny"))
+        except gr.Error as e:
+            assert "Something went wrong" not in e.message, (class_label, seed, steps, guidance, sampler)
+            produced = False
+        else:
+            final = out[-1][1]
+            assert len(final) == 1 and final[0].shape == (16, 16, 3) and final[0].dtype == np.uint8
+            assert "done" in out[-1][2]
+            produced = True
+        assert produced == valid, (class_label, seed, steps, guidance, sampler)
+        seen[(repr(class_label), repr(seed), repr(steps), repr(guidance), sampler)] = produced
+
+    run()
+    share = sum(seen.values()) / len(seen)
+    assert len(seen) >= 40 and 0.15 <= share <= 0.85, (len(seen), share)  # both well exercised (measured: 0.68 of 59)
 
 
 def test_stochastic_sampler_is_offered_and_repeats_per_seed(weights):
@@ -144,32 +214,113 @@ def test_generate_streams_then_scrub_step_mode_and_gif(weights, tmp_path, monkey
     assert len(run.traj.frames) == 6  # the other session's trajectory is untouched
 
 
-def test_live_server_with_gradio_client(weights):
+@pytest.fixture(scope="module")
+def client(weights):
+    """A live server of the demo on the tiny model, and a gradio_client connected to it."""
     from gradio_client import Client
 
     demo = app.build_demo(default_model="tiny")
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        job = client.submit(class_label="heart", seed=1, steps=12, guidance=2.0, sampler="ddim", api_name="/generate")
-        updates = list(job)
-        assert len(updates) >= 2  # streamed steps, then the final result
-        panels, final, status = updates[-1][:3]
-        assert len(final) == 4  # the default number of images
-        assert "done" in status and Path(panels).is_file()
-        # class ids work too; bad input is a clean error and the server keeps serving
-        assert (
-            "done"
-            in client.predict(class_label="1", seed=2, steps=3, guidance=1.0, sampler="ddpm", api_name="/generate")[2]
-        )
-        with pytest.raises(Exception, match="unknown class"):
-            client.predict(class_label="dragon", seed=1, steps=3, guidance=2.0, sampler="ddim", api_name="/generate")
-        assert (
-            "done"
-            in client.predict(class_label="face", seed=1, steps=3, guidance=2.0, sampler="ddim", api_name="/generate")[
-                2
-            ]
-        )
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
     finally:
         demo.close()
+
+
+def _tile(sheet: np.ndarray, row: int, col: int) -> np.ndarray:
+    """Panel (row, col) of a panel sheet: a 22-pixel header, then DISPLAY-sized tiles 4 pixels apart."""
+    y, x = 22 + 4 + row * (app.DISPLAY + 4), 4 + col * (app.DISPLAY + 4)
+    return sheet[y : y + app.DISPLAY, x : x + app.DISPLAY].astype(int)
+
+
+def _blocks(x: torch.Tensor) -> np.ndarray:
+    """(3, g, g) in [-1, 1] -> the (DISPLAY, DISPLAY, 3) uint8 tile a panel must show: each pixel a block."""
+    u = ((x.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy()
+    f = app.DISPLAY // x.shape[-1]
+    return np.repeat(np.repeat(u, f, axis=0), f, axis=1).astype(int)
+
+
+def test_live_server_with_gradio_client(weights, client):
+    from mrdit.pipeline import Pipeline
+
+    job = client.submit(class_label="heart", seed=1, steps=12, guidance=2.0, sampler="ddim", api_name="/generate")
+    updates = list(job)
+    assert len(updates) >= 2  # streamed steps, then the final result
+    panels, final, status = updates[-1][:3]
+    assert len(final) == 4  # the default number of images
+    assert "done" in status and Path(panels).is_file()
+
+    # One panel per branch plus x_t, per image, each showing that branch's estimate at its own grid:
+    # checked against the sampler's last state for the same settings, computed here.
+    pipe = Pipeline.from_pretrained(weights / "tiny")
+    *_, (state, _) = pipe.stream(pipe.validate("heart", [1, 2, 3, 4], 12, 2.0, "ddim"))
+    K = len(pipe.config.branches)
+    sheet = np.asarray(Image.open(panels).convert("RGB"))
+    cols = 1 + K + (K - 1)  # x_t, each branch, what each finer branch added
+    assert sheet.shape == (22 + 4 + 4 * (app.DISPLAY + 4), 4 + cols * (app.DISPLAY + 4), 3)
+    for i in range(4):
+        expected = [_blocks(state.x[i])] + [_blocks(state.x0[k][i]) for k in range(K)]
+        assert all(np.abs(a - b).max() > 8 for a, b in zip(expected, expected[1:])), "branches look alike"
+        for col, want in enumerate(expected):
+            assert np.abs(_tile(sheet, i, col) - want).max() <= 1, (i, col)
+        assert Image.open(final[i]["image"]).size == (16, 16)  # the gallery's format is lossy: size only
+
+    # class ids work too; bad input is a clean error and the server keeps serving
+    assert (
+        "done"
+        in client.predict(class_label="1", seed=2, steps=3, guidance=1.0, sampler="ddpm", api_name="/generate")[2]
+    )
+    with pytest.raises(Exception, match="unknown class"):
+        client.predict(class_label="dragon", seed=1, steps=3, guidance=2.0, sampler="ddim", api_name="/generate")
+    assert (
+        "done"
+        in client.predict(class_label="face", seed=1, steps=3, guidance=2.0, sampler="ddim", api_name="/generate")[2]
+    )
+
+
+def test_stop_cancels_a_running_generation(client, monkeypatch):
+    """Stop is wired to cancel Generate, and cancelling through the client stops the sampler on the
+    server mid-run; the server then serves the next request."""
+    from mrdit.pipeline import Pipeline
+
+    config = client.config
+    stop = [c["id"] for c in config["components"] if c.get("props", {}).get("value") == "Stop"]
+    gen = [d["id"] for d in config["dependencies"] if d.get("api_name") == "generate"]
+    assert len(stop) == 1 and len(gen) == 1
+    assert any(gen[0] in d["cancels"] and any(t[0] == stop[0] for t in d["targets"]) for d in config["dependencies"]), (
+        "the Stop button does not cancel Generate"
+    )
+
+    produced = []
+    real_stream = Pipeline.stream
+
+    def counting(self, settings, previews=True):
+        for item in real_stream(self, settings, previews):
+            produced.append(item[0].index)
+            time.sleep(0.05)  # at least 5 s for the run: the cancel lands mid-run on any machine
+            yield item
+
+    monkeypatch.setattr(Pipeline, "stream", counting)
+    job = client.submit(
+        class_label="face", seed=0, steps=100, guidance=2.0, sampler="ddim", num_images=8, api_name="/generate"
+    )
+    deadline = time.time() + 120
+    while len(produced) < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    assert produced, "the generation never started"
+    assert job.cancel()
+    settled = len(produced)
+    for _ in range(100):  # wait until the server stops stepping (it finishes the step in flight)
+        time.sleep(0.3)
+        if len(produced) == settled:
+            break
+        settled = len(produced)
+    time.sleep(1.0)
+    assert len(produced) == settled < 100, (len(produced), settled)
+    statuses = [u[2] for u in job.outputs()]
+    assert not any("done" in s for s in statuses)
+    assert (
+        "done"
+        in client.predict(class_label="face", seed=1, steps=2, guidance=2.0, sampler="ddim", api_name="/generate")[2]
+    )

@@ -197,6 +197,24 @@ def test_state_write_is_atomic_and_falls_back(tmp_path, monkeypatch):
     assert load_latest_state(tmp_path)["step"] == 5
 
 
+class _Touch:
+    """Unpickling this object runs code: it creates `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_training_state_holding_code_is_refused(tmp_path):
+    save_state(tmp_path, 5, {"step": 5, "x": torch.ones(3)}, keep=3)
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 10, "x": _Touch(marker)}, tmp_path / "states" / "state-00000010.pt")
+    state = load_latest_state(tmp_path)  # the newest state needs code to load: skipped, never run
+    assert state["step"] == 5 and not marker.exists()
+
+
 def _run(cfg, run, *extra, timeout=300):
     return subprocess.run(
         [*TRAIN, "--config", str(cfg), "--run-dir", str(run), *extra],
@@ -257,9 +275,11 @@ def test_run_folder_and_kill_resume_is_exact(tmp_path, emoji_data):
             time.sleep(0.01)
         time.sleep(0.05 * attempt)
         p.send_signal(signal.SIGKILL)
-        p.wait()
+        assert p.wait() == -signal.SIGKILL, "the run ended before the kill"
         state = load_latest_state(run)  # never a checkpoint that fails to load
         assert state is not None
+        # The kill landed mid-run: past this attempt's target, before the final step, not finished.
+        assert target <= state["step"] < 24 and not (run / "DONE").exists(), (attempt, state["step"])
     r = _run(cfg, run)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from step" in r.stdout
@@ -272,6 +292,26 @@ def test_run_folder_and_kill_resume_is_exact(tmp_path, emoji_data):
     r = _run(cfg2, run)
     assert r.returncode == 2 and "different config" in r.stderr and "lr" in r.stderr
     assert _run(cfg2, run, "--force").returncode == 0
+
+
+def test_the_run_keeps_an_ema_of_the_trained_weights(tmp_path, emoji_data):
+    """The EMA in the state (and the exported model) moves from the initial weights towards the trained ones."""
+    cfg = _config(tmp_path, emoji_data, steps=3, save_every=3, sample_every=0, ema_decay=0.5)
+    run = tmp_path / "run"
+    r = _run(cfg, run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    state = load_latest_state(run)
+    torch.manual_seed(0)  # the run's seed: the weights it started from
+    init = build_model(load_model(run / "ema").config).state_dict()
+    model, ema = state["model"], state["ema"]
+    moved = [k for k in model if not torch.equal(model[k], init[k])]
+    assert len(moved) > len(model) // 2
+    for k in moved:
+        assert not torch.equal(ema[k], init[k]) and not torch.equal(ema[k], model[k]), k
+    dist = lambda a, b: sum(float((a[k] - b[k]).norm()) for k in moved)  # noqa: E731
+    assert dist(ema, model) < dist(init, model)
+    exported = load_model(run / "ema").state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in ema.items())
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, emoji_data):
