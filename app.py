@@ -787,6 +787,14 @@ def attention_ranges(model):
     return gr.update(maximum=max(spec.blocks, 2), value=1), gr.update(choices=["mean"] + [str(h) for h in range(1, spec.heads + 1)], value="mean")
 
 
+def latent_only(model):
+    """The full-decode button is for latent models only (pixel panels are exact)."""
+    try:
+        return gr.update(visible=MODELS.get(model).config.autoencoder is not None)
+    except Exception:
+        return gr.update()
+
+
 def tdln_frame(curves: TDCurves, gates: bool = False) -> pd.DataFrame:
     """TD-norm curves as a long table for the line plot: per branch and kind (mean over blocks), the
     scales and weights (RMS over channels; biases left out) or their mean mixing gates."""
@@ -818,8 +826,21 @@ def _compare_pipes(model) -> tuple[Pipeline, Pipeline]:
     return dimr, base
 
 
+def mflops(pipe: Pipeline) -> float:
+    """Compute of one network evaluation for one image, in MFLOP (counted once per model)."""
+    if "mflops" not in pipe.__dict__:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        c = pipe.config
+        x = torch.zeros(1, c.channels, c.image_size, c.image_size, device=pipe.device)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            pipe.model(x, torch.full((1,), c.schedule.num_steps / 2, device=pipe.device), torch.zeros(1, dtype=torch.long, device=pipe.device))
+        pipe.__dict__["mflops"] = counter.get_total_flops() / 1e6
+    return pipe.__dict__["mflops"]
+
+
 def training_line(pipe: Pipeline) -> str:
-    """Parameters and optimiser steps of a shipped model, from its weights and run_info.json."""
+    """Parameters, compute and optimiser steps of a shipped model, from its weights and run_info.json."""
     params = sum(p.numel() for p in pipe.model.parameters())
     try:
         info = json.loads((resolve_model(pipe.name) / "run_info.json").read_text())
@@ -827,7 +848,7 @@ def training_line(pipe: Pipeline) -> str:
         info = {}
     steps = lineage_steps(info)
     trained = f", {steps:,} optimiser steps" if steps else ""
-    return f"`{pipe.name}`: {params:,} parameters{trained}"
+    return f"`{pipe.name}`: {params:,} parameters, {mflops(pipe):.0f} MFLOP per image and step{trained}"
 
 
 def lineage_steps(info) -> int:
@@ -856,9 +877,11 @@ def compare(class_label, seed, steps, guidance, sampler, num_images=2, model=DEF
         except Exception as e:
             raise _gr_error(e) from None
         runs.append(run)
+    matched = abs(mflops(dimr) / mflops(base) - 1) <= 0.1
     status = (
-        f"DiMR {training_line(dimr)} · baseline {training_line(base)}. Not matched in size or training: "
-        "this shows the two designs side by side, not which is better."
+        f"DiMR {training_line(dimr)} · baseline {training_line(base)}. "
+        + ("Matched in compute, not in size or training" if matched else "Not matched in size, compute or training")
+        + " (the baseline's card): this shows the two designs side by side, not which is better."
     )
     last = runs[0].traj.frames[-1].step
     return compare_sheet(runs, last), status, runs, gr.update(minimum=1, maximum=max(last, 2), value=last, interactive=True)
@@ -901,7 +924,8 @@ strongly (the paper's "0.4" is w = 1.4).
 **The coarse-to-fine measure.** Each estimate and the final image are split into frequency bands on the
 model's own grids: the *layout* visible at the coarsest grid, then each band of detail between one grid
 and the next, finer one. *When each band settles*: per step, how far each band of the current estimate
-still is from the final image's (1 = as far as an empty image, 0.1 = within 10%). *What each finer
+still is from the final image's, relative to that band's size (0.1 = within 10%; early estimates,
+full of noise, can be more than 1 away). *What each finer
 branch adds*: the share of a branch's addition that lies in the band its coarser neighbour cannot hold
 (1 = only new detail, 0 = it only corrects the coarser layout)."""
 
@@ -967,7 +991,7 @@ def _controls(choices: list[str], default: str, names: list[str]) -> dict:
     return c
 
 
-def _watch_tab() -> dict:
+def _watch_tab(latent: bool) -> dict:
     w = {}
     w["status"] = gr.Markdown("Press **Generate** to watch the branches refine the image.", elem_id="status")
     gr.Markdown(
@@ -981,12 +1005,12 @@ def _watch_tab() -> dict:
         w["play"] = gr.Button("Play", scale=1, min_width=60)
         w["pause"] = gr.Button("Pause", scale=1, min_width=60)
         w["fps"] = gr.Slider(1, 20, value=4, step=1, label="Steps per second", scale=2)
-        w["full"] = gr.Button("Full VAE decode of this step", scale=1, min_width=80)
+        w["full"] = gr.Button("Full VAE decode", scale=1, min_width=80, visible=latent)
     w["final"] = gr.Gallery(label="Final images", elem_id="final", columns=8, rows=1, height=200, object_fit="contain")
     with gr.Row():
-        w["sched"] = gr.LinePlot(x="step", y="log-SNR", color="series", title="Noise schedule: log-SNR after each step", height=240, elem_id="sched_plot")
-        w["settle"] = gr.LinePlot(x="step", y="distance to final", color="band", title="When each band settles (distance to the final image)", height=240, elem_id="settle_plot")
-        w["adds"] = gr.LinePlot(x="step", y="new-detail share", color="branch", title="What each finer branch adds (share of new detail)", height=240, elem_id="adds_plot")
+        w["sched"] = gr.LinePlot(x="step", y="log-SNR", color="series", title="Noise schedule (log-SNR)", height=240, elem_id="sched_plot")
+        w["settle"] = gr.LinePlot(x="step", y="distance to final", color="band", title="When each band settles", height=240, elem_id="settle_plot")
+        w["adds"] = gr.LinePlot(x="step", y="new-detail share", color="branch", title="What finer branches add", height=240, elem_id="adds_plot")
     gr.Markdown(FINDINGS)
     gr.Markdown(EXPLAIN)
     return w
@@ -1093,6 +1117,7 @@ def _wire_inside(c: dict, i: dict, w: dict, run) -> None:
     # The attention step follows the Watch slider, so both tabs look at the same step.
     w["slider"].change(follow_step, [w["slider"], run], i["step"], api_visibility="private", queue=False)
     c["model"].change(attention_ranges, c["model"], [i["layer"], i["head"]], api_visibility="private")
+    c["model"].change(latent_only, c["model"], w["full"], api_visibility="private")
 
 
 def _wire_compare(c: dict, k: dict) -> None:
@@ -1117,10 +1142,10 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
     try:
         pipe = MODELS.get(default)
         names, spec = class_choices(pipe), pipe.config.branches[0]
-        layers, heads = spec.blocks, max(spec.heads, 1)
+        layers, heads, latent = spec.blocks, max(spec.heads, 1), pipe.config.autoencoder is not None
     except Exception:  # the page still loads; choosing a working model fills the classes
         log.exception("default model %s failed to load", default)
-        names, layers, heads = [], 8, 16
+        names, layers, heads, latent = [], 8, 16, False
     with gr.Blocks(title="mrdit: multi-resolution diffusion, step by step", delete_cache=(600, 3600)) as demo:
         gr.Markdown(INTRO)
         run = gr.State(None)
@@ -1129,7 +1154,7 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
                 c = _controls(choices, default, names)
             with gr.Column(scale=3), gr.Tabs():
                 with gr.Tab("Watch"):
-                    w = _watch_tab()
+                    w = _watch_tab(latent)
                 with gr.Tab("Experiments"):
                     e = _experiments_tab(names)
                 with gr.Tab("Inside the network"):

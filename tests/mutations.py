@@ -154,8 +154,8 @@ MUTATIONS = [
         "mrdit/visual.py",
         (
             (
-                "upscale_nearest(to_uint8(b[i]), display) for b in branches\n",
-                "upscale_nearest(to_uint8(b[i]), display) for b in branches[::-1]\n",
+                "tiles.extend(upscale_nearest(to_uint8(b[i]), display) for b in branches)\n        for k in",
+                "tiles.extend(upscale_nearest(to_uint8(b[i]), display) for b in branches[::-1])\n        for k in",
             ),
         ),
         ("tests/test_app.py::test_live_server_with_gradio_client",),

@@ -3,7 +3,6 @@ bytes, GIF / MP4 / bundle export and load (through the functions and through gra
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -15,28 +14,18 @@ from conftest import ROOT
 from PIL import Image
 
 sys.path.insert(0, str(ROOT))
-from test_app import free_port  # noqa: E402
+from test_app import free_port, weights  # noqa: E402, F401
 
 import app  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("weights")
-    shutil.copytree(tiny_model_dir, root / "tiny")
-    old = app.WEIGHTS
-    app.WEIGHTS = root
-    app.MODELS.items.clear()
-    yield root
-    app.WEIGHTS = old
-    app.MODELS.items.clear()
+pytestmark = pytest.mark.usefixtures("weights")  # the tiny model under a temporary weights/
 
 
 def finished(*args, **kw):
     return list(app.generate(*args, **kw))[-1]
 
 
-def test_generate_keeps_every_step_and_the_plots_cover_the_run(weights):
+def test_generate_keeps_every_step_and_the_plots_cover_the_run():
     panels, final, status, run, slider, sched, settle, adds = finished("heart", 3, 6, 2.0, "dpm++2m", 2, "tiny")
     assert len(final) == 2 and final[0].shape == (16, 16, 3)
     assert "step 6 / 6" in status and "done" in status
@@ -56,7 +45,7 @@ def test_generate_keeps_every_step_and_the_plots_cover_the_run(weights):
     assert set(marker.step) == {2} and set(settle2[settle2.band == "current step"].step) == {2}
 
 
-def test_play_after_a_run_starts_again_from_step_one(weights):
+def test_play_after_a_run_starts_again_from_step_one():
     run = finished("heart", 1, 4, 2.0, "ddim", 1, "tiny")[3]
     start, timer = app.play(4, run, 5)
     assert start["value"] == 1 and timer.active and timer.value == pytest.approx(0.2)
@@ -72,7 +61,7 @@ def test_play_after_a_run_starts_again_from_step_one(weights):
     assert mid["value"] == 2 and timer.active
 
 
-def test_step_mode_shows_the_whole_planned_schedule_from_the_start(weights):
+def test_step_mode_shows_the_whole_planned_schedule_from_the_start():
     run, msg, _, btn, sched = app.step_start("face", 0, 5, 2.0, "dpm++2m", 1, "tiny")
     assert "5 steps" in msg and btn["interactive"]
     planned = sched[sched.series == "planned schedule"]
@@ -88,7 +77,7 @@ def test_step_mode_shows_the_whole_planned_schedule_from_the_start(weights):
     assert {"4x4 layout", "4-8", "8-16"} <= set(out[6].band)  # the measure of the finished run
 
 
-def test_a_thousand_step_run_ends_at_the_last_step_within_the_budget(weights, monkeypatch):
+def test_a_thousand_step_run_ends_at_the_last_step_within_the_budget(monkeypatch):
     monkeypatch.setattr(app, "TRAJECTORY_MB", 0.25)
     panels, final, status, run, slider, *_ = finished("heart", 0, 1000, 1.0, "ddim", 1, "tiny")
     traj = run.traj
@@ -103,7 +92,7 @@ def test_a_thousand_step_run_ends_at_the_last_step_within_the_budget(weights, mo
     assert shown <= 500 and shown in {f.step for f in traj.frames}
 
 
-def test_exports_and_a_bundle_that_replays_the_same_panels(weights, tmp_path):
+def test_exports_and_a_bundle_that_replays_the_same_panels(tmp_path):
     run = finished("heart", 2, 5, 2.0, "dpm++2m-sde", 2, "tiny")[3]
     gif = Image.open(app.export_gif(run))
     assert gif.n_frames == 5
@@ -122,7 +111,7 @@ def test_exports_and_a_bundle_that_replays_the_same_panels(weights, tmp_path):
     assert upd["value"] == 1 and timer.active
 
 
-def test_bad_uploads_are_clear_errors(weights, tmp_path):
+def test_bad_uploads_are_clear_errors(tmp_path):
     with pytest.raises(gr.Error, match="Choose"):
         app.load_run(None)
     junk = tmp_path / "junk.safetensors"
@@ -138,7 +127,7 @@ def test_bad_uploads_are_clear_errors(weights, tmp_path):
         app.export_gif(None)
 
 
-def test_exports_and_bundles_through_gradio_client(weights, tmp_path):
+def test_exports_and_bundles_through_gradio_client(tmp_path):
     from gradio_client import Client, handle_file
 
     demo = app.build_demo(default_model="tiny")
@@ -167,7 +156,7 @@ def test_exports_and_bundles_through_gradio_client(weights, tmp_path):
         demo.close()
 
 
-def test_the_same_seed_gives_the_same_frames_at_any_thinning(weights, monkeypatch):
+def test_the_same_seed_gives_the_same_frames_at_any_thinning(monkeypatch):
     full = finished("face", 9, 40, 2.0, "ddpm", 1, "tiny")[3].traj
     monkeypatch.setattr(app, "TRAJECTORY_MB", 0.02)
     thin = finished("face", 9, 40, 2.0, "ddpm", 1, "tiny")[3].traj
