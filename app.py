@@ -645,6 +645,17 @@ def _band_report(pipe: Pipeline, pairs: list[tuple[str, torch.Tensor, torch.Tens
     return "\n".join(lines)
 
 
+def experiment_card(experiment):
+    """The question and hint of an experiment, and only its own controls."""
+    question, hint = CARDS.get(experiment, ("", ""))
+    show = {
+        "swap-coarse": (True, True, True, False, False),
+        "freeze-coarse": (False, False, True, False, True),
+        "branch-guidance": (False, False, False, True, False),
+    }.get(experiment, (True,) * 5)
+    return (question, hint, *(gr.update(visible=v) for v in show))
+
+
 def _experiment_pipe(model) -> Pipeline:
     try:
         pipe = MODELS.get(model)
@@ -937,7 +948,7 @@ CARDS = {
     "swap-coarse": (
         "**Swap the coarse branch.** Does the layout come from the coarse branch? Run B again, but hand its "
         "finer branches the coarse features that A's transformer computed for A's own x_t.",
-        "Measured (192 runs, `docs/branch-experiments.md`): the hybrid's layout is far closer to A's than to B's "
+        "Measured (96 hybrids, `docs/branch-experiments.md`): the hybrid's layout is far closer to A's than to B's "
         "(0.53 vs 0.93 of the A-B distance; 89% of hybrids nearer A), and even its detail leans to A.",
     ),
     "freeze-coarse": (
@@ -1027,8 +1038,8 @@ def _experiments_tab(names: list[str]) -> dict:
             names, value=names[1][1] if len(names) > 1 else None, label="B: class", allow_custom_value=True, filterable=True
         )
         e["from_step"] = gr.Number(1, label="From step", precision=0, minimum=1)
-        e["weights"] = gr.Textbox("4, 1, 1", label="Guidance per branch (coarse to fine)")
-        e["zero"] = gr.Checkbox(False, label="Zero instead of freeze")
+        e["weights"] = gr.Textbox("4, 1, 1", label="Guidance per branch (coarse to fine)", visible=False)
+        e["zero"] = gr.Checkbox(False, label="Zero instead of freeze", visible=False)
     e["run"] = gr.Button("Run experiment", variant="primary")
     e["sheet"] = gr.Image(label="Result", elem_id="exp_sheet", format="png", interactive=False)
     e["summary"] = gr.Markdown(elem_id="exp_summary")
@@ -1099,7 +1110,11 @@ def _wire_watch(c: dict, w: dict, run, timer) -> None:
 
 
 def _wire_experiments(c: dict, e: dict) -> None:
-    e["experiment"].change(lambda x: (CARDS[x][0], CARDS[x][1]), e["experiment"], [e["question"], e["hint"]], api_visibility="private", queue=False)
+    e["experiment"].change(
+        experiment_card, e["experiment"],
+        [e["question"], e["hint"], e["other_seed"], e["other_class"], e["from_step"], e["weights"], e["zero"]],
+        api_visibility="private", queue=False,
+    )
     e["run"].click(
         run_experiment,
         [e["experiment"], c["class_label"], c["seed"], c["steps"], c["guidance"], c["sampler"], c["num_images"], c["model"],

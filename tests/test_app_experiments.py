@@ -143,3 +143,15 @@ def test_experiment_attention_and_tdln_through_gradio_client(weights):
                                         api_name="/generate")[2]  # still serving
     finally:
         demo.close()
+
+
+def test_each_experiment_shows_its_question_and_only_its_controls():
+    for name in app.EXPERIMENTS:
+        question, hint, *controls = app.experiment_card(name)
+        assert question == app.CARDS[name][0] and "Measured" in hint
+        visible = [c["visible"] for c in controls]  # B seed, B class, from step, weights, zero
+        assert visible == {
+            "swap-coarse": [True, True, True, False, False],
+            "freeze-coarse": [False, False, True, False, True],
+            "branch-guidance": [False, False, False, True, False],
+        }[name]
