@@ -32,7 +32,8 @@ def class_token_attention(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y:
     probability of the class token's query on each key of the g x g grid, at DDPM step `t` for input x.
 
     Not renormalised: over the grid they sum to 1 minus the class token's attention to itself. Inputs
-    as for `model(x, t, y)`; from a sampler's state, x = state.x and t = N * state.eval_t."""
+    as for `model(x, t, y)`; from a sampler's state, x = state.x and t = N * state.t (what the next
+    network evaluation reads)."""
     trunk = transformer_trunk(model)
     check_inputs(model.config, x, t, y)
     tau = step_to_tau(t.reshape(-1), model.config.schedule.num_steps)

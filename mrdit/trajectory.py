@@ -166,7 +166,7 @@ def _expect(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, ndi
 
 
 def _check_images(name: str, v: torch.Tensor, T: int, B: int) -> None:
-    if v.shape[0] != T or v.shape[1] != B or v.shape[2] != 3 or v.shape[3] != v.shape[4] or not v.shape[3] <= MAX_SIDE:
+    if v.shape[0] != T or v.shape[1] != B or v.shape[2] != 3 or v.shape[3] != v.shape[4] or not 1 <= v.shape[3] <= MAX_SIDE:
         raise BundleError(f"trajectory bundle: {name!r} must be ({T}, {B}, 3, S, S), got {tuple(v.shape)}")
 
 
@@ -200,7 +200,7 @@ def from_bytes(data: bytes, budget_bytes: int | None = None) -> Trajectory:
         raise BundleError(f"trajectory bundle: {B} images; at most {MAX_IMAGES}")
     _check_images("x_t", x_t, T, B)
     x = _expect(tensors, "x", torch.float16, 5)
-    if x.shape[:2] != (T, B) or x.shape[3] != x.shape[4] or x.shape[3] > MAX_SIDE or x.shape[2] > 64:
+    if x.shape[:2] != (T, B) or x.shape[3] != x.shape[4] or not 1 <= x.shape[3] <= MAX_SIDE or not 1 <= x.shape[2] <= 64:
         raise BundleError(f"trajectory bundle: 'x' must be ({T}, {B}, C, S, S), got {tuple(x.shape)}")
     branches = []
     k = 0
@@ -212,7 +212,7 @@ def from_bytes(data: bytes, budget_bytes: int | None = None) -> Trajectory:
     if not branches or len(branches) > 8:
         raise BundleError("trajectory bundle: needs 1 to 8 branches (branch_0, branch_1, ...)")
     final = _expect(tensors, "final", torch.uint8, 4)
-    if final.shape[0] != B or final.shape[3] != 3 or final.shape[1] > MAX_SIDE or final.shape[2] > MAX_SIDE:
+    if final.shape[0] != B or final.shape[3] != 3 or not (1 <= final.shape[1] <= MAX_SIDE and 1 <= final.shape[2] <= MAX_SIDE):
         raise BundleError(f"trajectory bundle: 'final' must be ({B}, H, W, 3) uint8, got {tuple(final.shape)}")
     t = _expect(tensors, "t", torch.float32, 1)
     nfe = _expect(tensors, "nfe", torch.int32, 1)
@@ -248,6 +248,17 @@ def from_bytes(data: bytes, budget_bytes: int | None = None) -> Trajectory:
         meta=meta,
         keep={f.step - 1 for f in frames},
     )
+    return traj
+
+
+def thinned(traj: Trajectory, budget_bytes: int) -> Trajectory:
+    """`traj` with an evenly spaced subset of its frames (first and last kept) that fits `budget_bytes`."""
+    if traj.nbytes <= budget_bytes or len(traj.frames) <= 2:
+        return traj
+    capacity = max(budget_bytes // max(traj.frames[0].nbytes, 1), 2)
+    traj.frames = [traj.frames[i] for i in kept_indices(len(traj.frames), capacity)]
+    traj.keep = {f.step - 1 for f in traj.frames}
+    traj.budget_bytes = budget_bytes
     return traj
 
 

@@ -35,7 +35,7 @@ def test_generate_keeps_every_step_and_the_plots_cover_the_run():
     assert slider["maximum"] == 6 and slider["value"] == 6
     planned = sched[sched.series == "planned schedule"]
     assert len(planned) == 5  # the clean end's log-SNR is infinite and left out
-    assert set(settle.band) == {"4x4 layout", "4-8", "8-16", "current step"}
+    assert set(settle.band) == {"4x4 layout", "4-8", "8-16", "4x4 layout, branch 0's own", "current step"}
     last = settle[(settle.step == 6) & (settle.band != "current step")]
     assert last["distance to final"].abs().max() < 1e-3  # the last estimate is the final image
     assert set(adds.branch) == {"branch 1 (8x8)", "branch 2 (16x16)", "current step"}
@@ -164,3 +164,50 @@ def test_the_same_seed_gives_the_same_frames_at_any_thinning(monkeypatch):
     assert len(thin.frames) < len(full.frames)
     for f in thin.frames:
         assert torch.equal(f.x, by_step[f.step].x)
+
+
+def _bundle_with(tmp_path, run, edit) -> str:
+    """An exported bundle of `run` with its tensors or JSON header edited by `edit(tensors, header)`."""
+    import json
+
+    from safetensors.torch import load, save
+
+    from mrdit.trajectory import BUNDLE_FORMAT
+
+    data = Path(app.export_bundle(run)).read_bytes()
+    tensors = load(data)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(json.loads(data[8 : 8 + n])["__metadata__"][BUNDLE_FORMAT])
+    edit(tensors, header)
+    path = tmp_path / f"edited-{len(list(tmp_path.iterdir()))}.safetensors"
+    path.write_bytes(save({k: v.contiguous() for k, v in tensors.items()}, metadata={BUNDLE_FORMAT: json.dumps(header)}))
+    return str(path)
+
+
+def test_hostile_bundle_contents_are_clear_errors(tmp_path):
+    run = finished("heart", 2, 3, 2.0, "ddim", 1, "tiny")[3]
+    empty = _bundle_with(tmp_path, run, lambda t, h: t.update(branch_0=t["branch_0"][:, :, :, :0, :0]))
+    with pytest.raises(gr.Error, match="branch_0"):
+        app.load_run(empty)
+    cases = [
+        (lambda t, h: h["meta"].update(settings="not a dict"), "valid classes"),
+        (lambda t, h: h["meta"]["settings"].update(labels=[999]), "valid classes"),
+        (lambda t, h: h["meta"].update(model="DiMR-XL/2R (ImageNet 256, authors' release)"), "not one of the shipped"),
+        (lambda t, h: h["meta"].update(model="someone/else"), "not one of the shipped"),
+    ]
+    for edit, match in cases:
+        loaded = app.load_run(_bundle_with(tmp_path, run, edit))[3]  # loads and replays: the views need no model
+        assert "loaded" in app.scrub(3, loaded)[1] or "step 3 / 3" in app.scrub(3, loaded)[1]
+        with pytest.raises(gr.Error, match=match):
+            app.attention(1, 1, "mean", loaded)
+    ok = app.load_run(_bundle_with(tmp_path, run, lambda t, h: None))[3]
+    assert "layer 1" in app.attention(2, 1, "mean", ok)[1]  # an honest bundle of a shipped model works
+
+
+def test_large_bundles_are_thinned_to_the_session_budget(monkeypatch):
+    run = finished("face", 1, 30, 2.0, "ddim", 1, "tiny")[3]
+    path = app.export_bundle(run)
+    monkeypatch.setattr(app, "TRAJECTORY_MB", 0.01)
+    loaded = app.load_run(path)[3]
+    steps = [f.step for f in loaded.traj.frames]
+    assert loaded.traj.nbytes <= 0.01 * 2**20 and steps[0] == 1 and steps[-1] == 30 and len(steps) < 30
