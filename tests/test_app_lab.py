@@ -36,8 +36,10 @@ def test_generate_keeps_every_step_and_the_plots_cover_the_run():
     planned = sched[sched.series == "planned schedule"]
     assert len(planned) == 5  # the clean end's log-SNR is infinite and left out
     assert set(settle.band) == {"4x4 layout", "4-8", "8-16", "4x4 layout, branch 0's own", "current step"}
-    last = settle[(settle.step == 6) & (settle.band != "current step")]
+    last = settle[(settle.step == 6) & settle.band.isin(["4x4 layout", "4-8", "8-16"])]
     assert last["distance to final"].abs().max() < 1e-3  # the last estimate is the final image
+    own = settle[settle.band == "4x4 layout, branch 0's own"]
+    assert len(own) == 6 and own["distance to final"].iloc[-1] < 0.5
     assert set(adds.branch) == {"branch 1 (8x8)", "branch 2 (16x16)", "current step"}
     img, status, sched2, settle2, _ = app.scrub(2, run)
     assert "step 2 / 6" in status
