@@ -131,6 +131,16 @@ def test_experiment_attention_and_tdln_through_gradio_client(weights):
         sheet, summary = client.predict(experiment="freeze-coarse", class_label="face", seed=2, steps=3, guidance=2.0,
                                         sampler="ddim", num_images=1, model="tiny", from_step=2, api_name="/experiment")
         assert "freeze-coarse" in summary
+        for experiment, extra in (("swap-coarse", dict(other_seed=9, other_class="heart")),
+                                  ("branch-guidance", dict(branch_weights="2, 1, 1"))):
+            sheet, summary = client.predict(experiment=experiment, class_label="face", seed=2, steps=3, guidance=2.0,
+                                            sampler="ddim", num_images=1, model="tiny", api_name="/experiment", **extra)
+            assert experiment in summary and "layout" in summary
+        with pytest.raises(Exception, match="3 numbers"):
+            client.predict(experiment="branch-guidance", model="tiny", branch_weights="1", api_name="/experiment")
+        out = client.predict(class_label="face", seed=3, steps=2, guidance=2.0, sampler="ddim", num_images=1,
+                             model="tiny", api_name="/compare")
+        assert "baseline" in out[1]
         with pytest.raises(Exception, match="experiment must be|not in the list of choices"):
             client.predict(experiment="nope", api_name="/experiment")
         client.predict(class_label="face", seed=1, steps=3, guidance=2.0, sampler="ddim", num_images=1, model="tiny",
