@@ -88,10 +88,9 @@ MUTATIONS = [
         "data order not restored on resume",
         "train/train.py",
         (
-            ("    while step < cfg.steps:\n", "    start = step\n    while step < cfg.steps:\n"),
             (
-                "idx = batch_indices(step, len(dataset), *where)",
-                "idx = batch_indices(step - start, len(dataset), *where)",
+                "loader = step_batches(batches, step, cfg.steps,",
+                "loader = step_batches(batches, 0, cfg.steps - step,",
             ),
         ),
         (f"{TRAINING}::test_run_folder_and_kill_resume_is_exact",),
