@@ -3,6 +3,7 @@ fake npm tarballs (the same layout as the real packages; no network)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -146,3 +147,24 @@ def tiny_vae():
     from mrdit.vae import random_vae
 
     return random_vae("tiny", seed=None).train()
+
+
+@contextlib.contextmanager
+def live_client(default_model: str):
+    """The app served on a free local port, and a gradio_client Client for it (one session)."""
+    import socket
+
+    from gradio_client import Client
+
+    sys.path.insert(0, str(ROOT))
+    import app
+
+    demo = app.build_demo(default_model=default_model)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        demo.close()

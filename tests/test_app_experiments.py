@@ -9,10 +9,9 @@ import gradio as gr
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, live_client
 
 sys.path.insert(0, str(ROOT))
-from test_app import free_port  # noqa: E402
 
 import app  # noqa: E402
 
@@ -121,13 +120,7 @@ def test_compare_runs_dimr_and_the_baseline_side_by_side(weights):
 
 
 def test_experiment_attention_and_tdln_through_gradio_client(weights):
-    from gradio_client import Client
-
-    demo = app.build_demo(default_model="tiny")
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with live_client("tiny") as client:
         sheet, summary = client.predict(experiment="freeze-coarse", class_label="face", seed=2, steps=3, guidance=2.0,
                                         sampler="ddim", num_images=1, model="tiny", from_step=2, api_name="/experiment")
         assert "freeze-coarse" in summary
@@ -151,8 +144,6 @@ def test_experiment_attention_and_tdln_through_gradio_client(weights):
         assert plot is not None
         assert "done" in client.predict(class_label="heart", seed=1, steps=2, guidance=1.0, sampler="ddim",
                                         api_name="/generate")[2]  # still serving
-    finally:
-        demo.close()
 
 
 def test_each_experiment_shows_its_question_and_only_its_controls():

@@ -10,7 +10,7 @@ import gradio as gr
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, live_client
 from PIL import Image
 
 sys.path.insert(0, str(ROOT))
@@ -130,13 +130,9 @@ def test_bad_uploads_are_clear_errors(tmp_path):
 
 
 def test_exports_and_bundles_through_gradio_client(tmp_path):
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
 
-    demo = app.build_demo(default_model="tiny")
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with live_client("tiny") as client:
         out = client.predict(class_label="heart", seed=4, steps=4, guidance=2.0, sampler="ddim", num_images=1,
                              model="tiny", api_name="/generate")
         assert "done" in out[2]
@@ -154,8 +150,6 @@ def test_exports_and_bundles_through_gradio_client(tmp_path):
             client.predict(handle_file(str(bad)), api_name="/load_bundle")
         assert "done" in client.predict(class_label="face", seed=1, steps=2, guidance=1.0, sampler="ddim",
                                         api_name="/generate")[2]  # still serving
-    finally:
-        demo.close()
 
 
 def test_the_same_seed_gives_the_same_frames_at_any_thinning(monkeypatch):

@@ -9,13 +9,12 @@ path: download -> convert -> cache -> load -> stream (linear previews) -> decode
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import PARITY, ROOT, tiny_vae
+from conftest import PARITY, ROOT, live_client, tiny_vae
 from safetensors.torch import load_file
 
 from mrdit.convert import config_from_official
@@ -132,15 +131,7 @@ def test_released_model_classes_previews_and_full_decode(served):
 
 
 def test_generate_endpoint_serves_the_released_model(served):
-    from gradio_client import Client
-
-    demo = app.build_demo(default_model=LABEL)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with live_client(LABEL) as client:
         job = client.submit(
             class_label="golden retriever",
             seed=5,
@@ -153,5 +144,3 @@ def test_generate_endpoint_serves_the_released_model(served):
         )
         panels, final = list(job)[-1][:2]
         assert len(final) == 2 and Path(panels).is_file()
-    finally:
-        demo.close()
