@@ -118,7 +118,7 @@ def write_npz(out: Path, parts: list[Path], image_shape: tuple[int, ...], num: i
     atomic_write(out, write)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -142,6 +142,56 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("num", "chunk"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
+    return p, args
+
+
+def record_plan(parts: Path, record: dict, state) -> bool:
+    """Write the set's settings beside its parts; False if parts of a set with other settings are there."""
+    saved = parts / PLAN_NAME
+    if saved.is_file():
+        changed = changed_fields(json.loads(saved.read_text()), record)
+        if changed:
+            print(
+                f"error: {parts} holds a set drawn with other settings (changed: {', '.join(changed)})", file=sys.stderr
+            )
+            return False
+    state.wait_for_everyone()  # every process has read the old plan before the main one writes
+    if state.is_main_process:
+        atomic_write(saved, lambda f: f.write(json.dumps(record, indent=2).encode()))
+    return True
+
+
+def draw_my_chunks(pipe: Pipeline, settings, plan: Plan, parts: Path, state) -> None:
+    """This process's chunks that are not on disk yet, each written atomically as it is drawn."""
+    mine = range(state.process_index, plan.chunks, state.num_processes)
+    todo = [k for k in mine if not part_done(part_path(parts, k), len(plan.images(k)))]
+    print(f"process {state.process_index}: {len(mine)} of {plan.chunks} chunks, {len(todo)} to draw", flush=True)
+    bar = tqdm(
+        total=sum(len(plan.images(k)) for k in todo), desc="sampling", unit="img", disable=not state.is_main_process
+    )
+    for k in todo:
+        images, labels = draw_chunk(pipe, settings, plan, k)
+        atomic_write(part_path(parts, k), lambda f, a=images, y=labels: np.savez(f, arr_0=a, arr_1=y))
+        bar.update(len(labels))
+    bar.close()
+
+
+def gather(out: Path, parts: Path, plan: Plan) -> bool:
+    """Stream every chunk into the ADM suite's .npz; False if a chunk is missing."""
+    files = [part_path(parts, k) for k in range(plan.chunks)]
+    missing = [f.name for k, f in enumerate(files) if not part_done(f, len(plan.images(k)))]
+    if missing:
+        print(f"error: chunks missing: {', '.join(missing[:10])}", file=sys.stderr)
+        return False
+    with np.load(files[0]) as first:
+        image_shape = first["arr_0"].shape[1:]
+    write_npz(out, files, image_shape, plan.num)
+    print(f"wrote {out}: {plan.num} images {image_shape}, {plan.classes} classes", flush=True)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p, args = parse_args(argv)
     sampling = PRESETS[args.preset] | {
         k: getattr(args, k) for k in PRESETS[args.preset] if getattr(args, k) is not None
     }
@@ -163,40 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         print("config:", json.dumps(record | {"out": str(args.out), "processes": state.num_processes}), flush=True)
 
     parts = args.out.with_name(args.out.name + ".parts")
-    saved = parts / PLAN_NAME
-    if saved.is_file():
-        changed = changed_fields(json.loads(saved.read_text()), record)
-        if changed:
-            print(
-                f"error: {parts} holds a set drawn with other settings (changed: {', '.join(changed)})", file=sys.stderr
-            )
-            return 2
-    state.wait_for_everyone()  # every process has read the old plan before the main one writes
-    if state.is_main_process:
-        atomic_write(saved, lambda f: f.write(json.dumps(record, indent=2).encode()))
-
-    mine = range(state.process_index, plan.chunks, state.num_processes)
-    todo = [k for k in mine if not part_done(part_path(parts, k), len(plan.images(k)))]
-    print(f"process {state.process_index}: {len(mine)} of {plan.chunks} chunks, {len(todo)} to draw", flush=True)
-    bar = tqdm(
-        total=sum(len(plan.images(k)) for k in todo), desc="sampling", unit="img", disable=not state.is_main_process
-    )
-    for k in todo:
-        images, labels = draw_chunk(pipe, settings, plan, k)
-        atomic_write(part_path(parts, k), lambda f, a=images, y=labels: np.savez(f, arr_0=a, arr_1=y))
-        bar.update(len(labels))
-    bar.close()
+    if not record_plan(parts, record, state):
+        return 2
+    draw_my_chunks(pipe, settings, plan, parts, state)
     state.wait_for_everyone()
-    if state.is_main_process:
-        files = [part_path(parts, k) for k in range(plan.chunks)]
-        missing = [f.name for k, f in enumerate(files) if not part_done(f, len(plan.images(k)))]
-        if missing:
-            print(f"error: chunks missing: {', '.join(missing[:10])}", file=sys.stderr)
-            return 3
-        with np.load(files[0]) as first:
-            image_shape = first["arr_0"].shape[1:]
-        write_npz(args.out, files, image_shape, plan.num)
-        print(f"wrote {args.out}: {plan.num} images {image_shape}, {plan.classes} classes", flush=True)
+    if state.is_main_process and not gather(args.out, parts, plan):
+        return 3
     state.wait_for_everyone()
     return 0
 
