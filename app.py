@@ -38,7 +38,7 @@ from mrdit.checkpoint import CheckpointError
 from mrdit.classes import read_synonyms
 from mrdit.hubguard import fetch_model
 from mrdit.interventions import BranchGuidance, FreezeCoarse, SwapCoarse, plan_swap
-from mrdit.measures import addition_bands, band_names, band_split, settling_curves
+from mrdit.measures import band_names, band_split, new_detail_shares, settling_curves
 from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, MAX_IMAGES, InputError, Pipeline, Preview, Settings
 from mrdit.probes import TDCurves, class_token_attention, curves_by_branch, td_norm_curves
 from mrdit.released import RELEASES, prepare
@@ -330,11 +330,11 @@ def measure_frames(run: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
         )
         rows = []
         for f in traj.frames:
-            energy = addition_bands([b.float() for b in f.branches])  # (K-1, K)
-            for k in range(1, len(grids)):
-                total = float(energy[k - 1].sum())
-                share = float(energy[k - 1, k]) / total if total > 0 else 0.0
-                rows.append({"step": f.step, "new-detail share": share, "branch": f"branch {k} ({grids[k]}x{grids[k]})"})
+            shares = new_detail_shares([b.float() for b in f.branches])
+            rows += [
+                {"step": f.step, "new-detail share": v, "branch": f"branch {k} ({grids[k]}x{grids[k]})"}
+                for k, v in enumerate(shares, start=1)
+            ]
         adds = pd.DataFrame(rows)
     run.cache.update(settle=settle, adds=adds)
     return settle, adds

@@ -110,3 +110,10 @@ def addition_bands(branches: Sequence[torch.Tensor]) -> torch.Tensor:
         added = branches[k].float() - enlarge(branches[k - 1].float(), grids[k])  # (B, C, g_k, g_k)
         out[k - 1, : k + 1] = band_energy(added, grids[: k + 1])
     return out
+
+
+def new_detail_shares(branches: Sequence[torch.Tensor]) -> list[float]:
+    """For each finer branch k, the share of its addition's energy in the band branch k-1's grid
+    cannot hold (`addition_bands`): 1 = only new detail, 0 = only changes to the coarser layout."""
+    energy = addition_bands(branches)  # (K-1, K)
+    return [float(energy[k, k + 1] / energy[k].sum().clamp_min(1e-12)) for k in range(energy.shape[0])]

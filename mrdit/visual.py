@@ -157,7 +157,8 @@ def labelled_rows(rows: Sequence[tuple[str, np.ndarray]], display: int) -> np.nd
 
 def heat_overlay(img: np.ndarray, att: np.ndarray) -> np.ndarray:
     """A (g, g) map in [0, 1] over an (H, W, 3) uint8 image (H a multiple of g): white-to-red, the image faint."""
-    a = upscale_nearest(np.repeat((att * 255).round().astype(np.uint8)[..., None], 3, -1), img.shape[0])[..., :1] / 255
+    f = img.shape[0] // att.shape[0]
+    a = np.repeat(np.repeat(att, f, axis=0), f, axis=1)[..., None]  # (H, W, 1)
     red = np.array([220.0, 30.0, 30.0])
     base = 0.35 * img.astype(np.float64) + 0.65 * 255
     return (base * (1 - a) + red * a).round().clip(0, 255).astype(np.uint8)

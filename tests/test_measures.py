@@ -6,7 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrdit.measures import addition_bands, band_energy, band_names, band_split, enlarge, settle_index, settling_curves
+from mrdit.measures import (
+    addition_bands,
+    band_energy,
+    band_names,
+    band_split,
+    enlarge,
+    new_detail_shares,
+    settle_index,
+    settling_curves,
+)
 
 GRIDS = [8, 16, 32]
 
@@ -87,3 +96,11 @@ def test_bad_grids_are_refused():
             band_split(x, grids)
     with pytest.raises(ValueError):
         band_split(x, [12, 32])
+
+
+def test_new_detail_shares_read_the_addition_bands():
+    coarse = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(8))
+    detail = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    detail = detail - enlarge(F.avg_pool2d(detail, 2), 16)
+    assert new_detail_shares([coarse, enlarge(coarse, 16) + detail]) == pytest.approx([1.0])
+    assert new_detail_shares([coarse, enlarge(coarse + 0.5, 16)]) == pytest.approx([0.0], abs=1e-9)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mrdit.measures import addition_bands, band_names, settle_index, settling_curves
+from mrdit.measures import band_names, new_detail_shares, settle_index, settling_curves
 from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, Pipeline
 
 
@@ -54,8 +54,7 @@ def measure_batch(pipe: Pipeline, label: int, seeds: list[int], args) -> dict[st
     for state, _ in pipe.stream(settings, previews=False):
         finest.append(state.x0[-1].cpu())
         coarse.append(state.x0[0].cpu())
-        energy = addition_bands([x.cpu() for x in state.x0])  # (K-1, K)
-        shares.append([float(energy[k, k + 1] / energy[k].sum().clamp_min(1e-12)) for k in range(energy.shape[0])])
+        shares.append(new_detail_shares([x.cpu() for x in state.x0]))
     final = state.x.clamp(-1, 1).cpu()
     grids = [b.grid for b in pipe.config.branches]
     B = len(seeds)
