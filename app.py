@@ -499,7 +499,7 @@ def play_tick(step, run: Run | None):
     return gr.update(value=nxt), gr.Timer(active=True)
 
 
-def set_speed(fps, active: bool = False):
+def set_speed(fps):
     return gr.Timer(value=1.0 / float(fps or 4))
 
 
