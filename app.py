@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 import threading
 import time
@@ -34,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mrdit.checkpoint import CheckpointError
+from mrdit.checkpoint import REPO_ID, CheckpointError
 from mrdit.classes import read_synonyms
 from mrdit.hubguard import fetch_model
 from mrdit.interventions import BranchGuidance, FreezeCoarse, SwapCoarse, plan_swap
@@ -99,18 +98,12 @@ except ImportError:  # pragma: no cover - depends on the host
         return fn
 
 
-# ---------------------------------------------------------------- models
-
-
 def shipped_models() -> list[str]:
     return sorted(p.name for p in WEIGHTS.iterdir() if (p / "config.json").is_file()) if WEIGHTS.is_dir() else []
 
 
 def model_choices() -> list[str]:
     return shipped_models() + list(RELEASED)
-
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model(choice: str) -> Path:
@@ -132,7 +125,7 @@ def resolve_model(choice: str) -> Path:
         if not (real / "config.json").is_file():
             raise InputError(f"model {choice!r} is not a model directory")
         return real
-    if _REPO_ID.match(choice):
+    if REPO_ID.match(choice):
         try:  # typed ids only within mrdit.hubguard's limits (MRDIT_HUB_IDS, MRDIT_HUB_MAX_BYTES)
             return fetch_model(choice)
         except (CheckpointError, ValueError) as e:

@@ -28,7 +28,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "README.md", "*.png"]
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "owner/name", as the Hub spells repo ids
 
 
 class CheckpointError(ValueError):
@@ -111,7 +111,7 @@ def resolve_model_dir(path_or_repo: str | Path, revision: str | None = None) -> 
     if p.is_dir():
         return p
     s = str(path_or_repo)
-    if not _REPO_ID.match(s) or p.exists():
+    if not REPO_ID.match(s) or p.exists():
         raise CheckpointError(f"{s}: not a model directory and not a Hugging Face Hub repo id")
     from huggingface_hub import snapshot_download
 

@@ -44,14 +44,9 @@ class Branch(nn.Module):
         else:
             self.blocks = nn.ModuleList(ConvNeXtBlock(D, spec.mlp_width, spec.kernel) for _ in range(spec.blocks))
         self.skips = nn.ModuleList(SkipJoin(2 * D, D) for _ in range(spec.blocks // 2))
-        self.upsample = Upsampler((prev.blocks + 1) * prev.width, D) if prev is not None else None
+        self.upsample = Upsampler((prev.blocks + 1) * prev.width, D) if prev is not None else None  # embedding + every block
         self.head = ConvHead(D, channels, spec.head_kernel) if head else None
         self.grad_checkpointing = False
-
-    @property
-    def feature_dim(self) -> int:
-        """Channels of the features handed to the next branch: the embedding and every block output."""
-        return (self.spec.blocks + 1) * self.spec.width
 
     def _block(
         self, i: int, x: torch.Tensor, tau: torch.Tensor, probe: list[torch.Tensor] | None = None

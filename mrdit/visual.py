@@ -79,16 +79,10 @@ def save_gif(frames: Sequence[np.ndarray], path: str | Path, fps: float = 8.0, h
     return path
 
 
-def panel_row(x_t: torch.Tensor, branches: Sequence[torch.Tensor], display: int) -> np.ndarray:
-    """One image's panels side by side at one display size: x_t, then each branch coarse to fine."""
-    ims = [upscale_nearest(to_uint8(x_t), display)] + [upscale_nearest(to_uint8(b), display) for b in branches]
-    return grid(ims, cols=len(ims), pad=2)
-
-
 def trajectory_frame(x_t: torch.Tensor, branches: Sequence[torch.Tensor], display: int = 96) -> np.ndarray:
-    """A frame of a trajectory animation: one row of panels per image (x_t (B, 3, H, W), branches K x (B, 3, h, w))."""
-    rows = [panel_row(x_t[i], [b[i] for b in branches], display) for i in range(x_t.shape[0])]
-    return np.concatenate(rows, axis=0)
+    """A frame of a trajectory animation: one row per image (x_t (B, 3, H, W), branches K x (B, 3, h, w)),
+    x_t then each branch's estimate, coarse to fine."""
+    return panel_sheet(x_t, branches, display, additions=False)
 
 
 def branch_headers(config) -> list[str]:
@@ -121,19 +115,23 @@ def with_headers(sheet: np.ndarray, headers: Sequence[str], width: int, pad: int
 
 
 def panel_sheet(
-    x_t: torch.Tensor, branches: Sequence[torch.Tensor], display: int, headers: Sequence[str] | None = None
+    x_t: torch.Tensor,
+    branches: Sequence[torch.Tensor],
+    display: int,
+    headers: Sequence[str] | None = None,
+    additions: bool = True,
 ) -> np.ndarray:
     """All panels of a step for a batch, one row per image: x_t, each branch's estimate (coarse to fine),
-    then what each finer branch added (signed heat map of finer minus enlarged coarser, full colour at 1),
-    all at one display size with nearest-neighbour upscaling. Optional column headers on top."""
+    then (with `additions`) what each finer branch added (signed heat map of finer minus enlarged coarser,
+    full colour at 1), all at one display size with nearest-neighbour upscaling. Optional column headers."""
     tiles = []
     for i in range(x_t.shape[0]):
         tiles.append(upscale_nearest(to_uint8(x_t[i]), display))
         tiles.extend(upscale_nearest(to_uint8(b[i]), display) for b in branches)
-        for k in range(1, len(branches)):
+        for k in range(1, len(branches) if additions else 1):
             add = branch_addition(branches[k][i : i + 1].float(), branches[k - 1][i : i + 1].float())[0]
             tiles.append(upscale_nearest(signed_heatmap(add, scale=1.0), display))
-    cols = 1 + len(branches) + max(len(branches) - 1, 0)
+    cols = 1 + len(branches) + (max(len(branches) - 1, 0) if additions else 0)
     sheet = grid(tiles, cols=cols, pad=4)
     return with_headers(sheet, list(headers)[:cols], display) if headers else sheet
 
