@@ -14,6 +14,7 @@ measure, `mrdit.interventions` and `mrdit.probes` the experiments, `mrdit.visual
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -38,7 +39,7 @@ from mrdit.classes import read_synonyms
 from mrdit.hubguard import fetch_model
 from mrdit.interventions import BranchGuidance, FreezeCoarse, SwapCoarse, plan_swap
 from mrdit.measures import band_names, band_split, new_detail_shares, settling_curves
-from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, MAX_IMAGES, InputError, Pipeline, Preview, Settings
+from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, InputError, Pipeline, Preview, Settings
 from mrdit.probes import TDCurves, class_token_attention, curves_by_branch, td_norm_curves
 from mrdit.released import RELEASES, prepare
 from mrdit.sampling import SAMPLERS, StepState, planned_times
@@ -62,6 +63,7 @@ DEFAULT_MODEL = os.environ.get("MRDIT_MODEL", "mrdit-emoji-32")
 # Pixel-space demo models on the CPU are compiled in the background after loading (MRDIT_COMPILE=0: never;
 # never on ZeroGPU, which does not support torch.compile).
 COMPILE = os.environ.get("MRDIT_COMPILE", "1") != "0" and not on_zero_gpu()
+MAX_IMAGES = 16  # images per request: the app's limit (the library has none)
 DISPLAY = 96  # every panel is shown at this size, nearest-neighbour, so model pixels stay honest
 STREAM_INTERVAL = 0.08  # seconds between streamed frames (the last step is always shown)
 # Per-session trajectory budget: beyond it an evenly spaced subset of steps (first and last included) is kept.
@@ -362,11 +364,15 @@ def _gr_error(e: Exception) -> gr.Error:
 
 
 def _settings(pipe: Pipeline, class_label, seed, num_images, steps, guidance, sampler) -> Settings:
-    """Widget values to validated settings: `num_images` images of one class, seeds seed, seed + 1, ..."""
+    """Widget values to checked settings (`Pipeline.validate`): `num_images` images of one class, seeds
+    seed, seed + 1, ...; a bad value is a gr.Error whose message names the field."""
     try:
-        n = int(num_images)
+        try:
+            n = int(num_images)
+        except (TypeError, ValueError):
+            n = 0  # refused just below
         if not 1 <= n <= MAX_IMAGES:
-            raise InputError(f"number of images must be in [1, {MAX_IMAGES}]")
+            raise InputError(f"number of images must be an integer in [1, {MAX_IMAGES}], got {num_images!r}")
         if isinstance(seed, float):
             if not seed.is_integer():
                 raise InputError(f"seed must be an integer, got {seed}")
@@ -1012,6 +1018,19 @@ CSS = """
 """
 
 
+def _numbers_only(preprocess, payload):
+    """Gradio's preprocessing for numbers; anything else (a string sent through the API) reaches the
+    handler unchanged, whose checks name the field, instead of failing in gradio with a generic error."""
+    return preprocess(payload) if isinstance(payload, (int, float)) and not isinstance(payload, bool) else payload
+
+
+def _request_field(component: gr.Number | gr.Slider) -> gr.Number | gr.Slider:
+    """A number widget of a request, preprocessed by `_numbers_only` (an instance attribute: a subclass
+    of a gradio component would make gradio write a .pyi stub beside app.py on import)."""
+    component.preprocess = functools.partial(_numbers_only, component.preprocess)
+    return component
+
+
 def _controls(choices: list[str], default: str, names: list[str]) -> dict:
     """The shared control column: model, class, seed, images, steps, guidance, sampler, run buttons."""
     c = {}
@@ -1024,11 +1043,11 @@ def _controls(choices: list[str], default: str, names: list[str]) -> dict:
         info="type to filter by name or id; ids, names and synonyms can also be typed",
     )
     with gr.Row():
-        c["seed"] = gr.Number(0, label="Seed", precision=0, minimum=0, scale=3)
+        c["seed"] = _request_field(gr.Number(0, label="Seed", precision=0, minimum=0, scale=3))
         c["dice"] = gr.Button("Random", scale=1, min_width=60)
-    c["num_images"] = gr.Slider(1, 8, value=4, step=1, label="Images")
-    c["steps"] = gr.Slider(1, 1000, value=25, step=1, label="Steps", elem_id="steps_ctl")
-    c["guidance"] = gr.Slider(1.0, 8.0, value=DEFAULT_GUIDANCE, step=0.1, label="Guidance w  (eps_u + w·(eps_c − eps_u); 1 = off)")
+    c["num_images"] = _request_field(gr.Slider(1, 8, value=4, step=1, label="Images"))
+    c["steps"] = _request_field(gr.Slider(1, 1000, value=25, step=1, label="Steps", elem_id="steps_ctl"))
+    c["guidance"] = _request_field(gr.Slider(1.0, 8.0, value=DEFAULT_GUIDANCE, step=0.1, label="Guidance w  (eps_u + w·(eps_c − eps_u); 1 = off)"))
     c["sampler"] = gr.Dropdown(
         list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler",
         info="dpm++2m-sde: default, stochastic, sharper classes · dpm++2m: deterministic, most varied · dpm-fast: the release's · ddim / ddpm: the classics",
@@ -1074,11 +1093,11 @@ def _experiments_tab(names: list[str]) -> dict:
     e["experiment"] = gr.Radio(list(EXPERIMENTS), value="swap-coarse", label="Experiment")
     e["question"] = gr.Markdown(CARDS["swap-coarse"][0])
     with gr.Row():
-        e["other_seed"] = gr.Number(100, label="B: seed", precision=0, minimum=0)
+        e["other_seed"] = _request_field(gr.Number(100, label="B: seed", precision=0, minimum=0))
         e["other_class"] = gr.Dropdown(
             names, value=names[1][1] if len(names) > 1 else None, label="B: class", allow_custom_value=True, filterable=True
         )
-        e["from_step"] = gr.Number(1, label="From step", precision=0, minimum=1)
+        e["from_step"] = _request_field(gr.Number(1, label="From step", precision=0, minimum=1))
         e["weights"] = gr.Textbox("4, 1, 1", label="Guidance per branch (coarse to fine)", visible=False)
         e["zero"] = gr.Checkbox(False, label="Zero instead of freeze", visible=False)
     e["run"] = gr.Button("Run experiment", variant="primary")

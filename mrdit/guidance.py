@@ -12,8 +12,6 @@ from collections.abc import Callable
 
 import torch
 
-GUIDANCE_SCHEDULES = ("constant", "power-cosine")
-
 Denoiser = Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]
 
 
@@ -26,17 +24,33 @@ def power_cosine_weight(n: float, num_steps: int, w_max: float, power: float) ->
     return 1 + (w_max - 1) * s
 
 
-def guidance_weight_fn(guidance: float, schedule: str, power: float, num_steps: int) -> Callable[[float], float]:
-    if schedule == "constant":
-        return lambda n: guidance
-    if schedule == "power-cosine":
-        return lambda n: power_cosine_weight(n, num_steps, guidance, power)
-    raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
+WeightFn = Callable[[float], float]  # DDPM step n -> guidance weight w
 
 
-def guided_denoiser(
-    model: torch.nn.Module, labels: torch.Tensor, weight: Callable[[float], float], null_label: int
-) -> Denoiser:
+def _constant(guidance: float, power: float, num_steps: int) -> WeightFn:
+    return lambda n: guidance
+
+
+def _power_cosine(guidance: float, power: float, num_steps: int) -> WeightFn:
+    return lambda n: power_cosine_weight(n, num_steps, guidance, power)
+
+
+# Guidance schedules by name: (w, power, N) -> the weight at each DDPM step n.
+GUIDANCE_REGISTRY: dict[str, Callable[[float, float, int], WeightFn]] = {
+    "constant": _constant,
+    "power-cosine": _power_cosine,
+}
+GUIDANCE_SCHEDULES = tuple(GUIDANCE_REGISTRY)
+
+
+def guidance_weight_fn(guidance: float, schedule: str, power: float, num_steps: int) -> WeightFn:
+    """The weight w(n) of guidance schedule `schedule` with maximum `guidance`."""
+    if schedule not in GUIDANCE_REGISTRY:
+        raise ValueError(f"guidance_schedule must be one of {', '.join(GUIDANCE_SCHEDULES)}, got {schedule!r}")
+    return GUIDANCE_REGISTRY[schedule](guidance, power, num_steps)
+
+
+def guided_denoiser(model: torch.nn.Module, labels: torch.Tensor, weight: WeightFn, null_label: int) -> Denoiser:
     """A function (x, n) -> per-branch guided noise predictions, n a DDPM step shared by the batch."""
     null = torch.full_like(labels, null_label)
     both = torch.cat([labels, null])  # (2B,)

@@ -1,15 +1,16 @@
-"""The generation pipeline: a model with its decoder, input validation in one place, streaming of
-per-step, per-branch previews, and a `generate` call that returns a dataclass.
+"""The generation pipeline: a model with its decoder, requests turned into checked `Settings`,
+streaming of per-step, per-branch previews, and a `generate` call that returns a dataclass.
 
-The CLI (`python -m mrdit.sample`) and the app both go through `Pipeline.validate` and `Pipeline.stream`.
+The CLI (`python -m mrdit.generate`) and the app both go through `Pipeline.validate` and `Pipeline.stream`.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import numbers
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,36 +25,16 @@ from .config import ModelConfig
 from .fast import FastForward
 from .interventions import Intervention, check_intervention
 from .preview import VAE_KIND, cached_linear_preview
-from .sampling import MAX_STEPS, SAMPLERS, StepState, iterate, noise_for_seeds
+from .sampling import StepState, iterate, noise_for_seeds
+from .settings import InputError, Settings
 from .visual import to_uint8
 
-MAX_IMAGES = 16
-MAX_SEED = 2**63 - 1
-DEFAULT_GUIDANCE = 4.0  # w for the demos: best Frechet distance of 4/5/6/8 (train/evaluate.py)
-# The demos' sampler: at 25 steps, 4 points more class accuracy than dpm++2m on the shipped emoji model
-# (93.2% vs 89.2% over 600 samples) for 1.2 more Frechet distance, at the same cost (README, Quality).
+# The demos' guidance and sampler, chosen by measured sample quality (docs/experiments.md, Samplers and guidance).
+DEFAULT_GUIDANCE = 4.0
 DEFAULT_SAMPLER = "dpm++2m-sde"
 PREVIEW_MAX = 128  # decoded previews of latent models are stored at most this size
 VAE_DIR = "vae"  # a model directory's own copy of its autoencoder (AutoencoderKL.save_pretrained)
 SYNONYMS_NAME = "class_synonyms.json"  # optional other class names beside config.json (mrdit.classes)
-
-
-class InputError(ValueError):
-    """A request setting is invalid; the message is meant for the user."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """A reproducible recipe: the same settings and model give the same images."""
-
-    labels: tuple[int, ...]
-    seeds: tuple[int, ...]
-    steps: int
-    guidance: float
-    sampler: str
-    guidance_schedule: str = "constant"
-    guidance_power: float = 1.0
-    model: str = ""
 
 
 @dataclass
@@ -136,9 +117,9 @@ class Pipeline:
     and through `torch.compile` once `compile_in_background()` has compiled it.
 
     `compile=True` compiles up front: on a GPU the graphs then capture the compiled network (each batch
-    shape compiles on its first call, about a minute for DiMR-XL on an H100, after which 250 guided steps
-    take 1.8 s instead of 3.0 s); on the CPU it waits for the compile that `compile_in_background` starts.
-    Worth it for many images, not for one."""
+    shape compiles on its first call, a wait of about a minute for a large model, then faster steps:
+    bench/NOTES.md); on the CPU it waits for the compile that `compile_in_background` starts. Worth it
+    for many images, not for one."""
 
     def __init__(
         self,
@@ -197,8 +178,8 @@ class Pipeline:
     def compile_in_background(self, batches: Sequence[int] = (2, 16)) -> threading.Thread | None:
         """On the CPU: compile the network (`torch.compile`) in a background thread for the batch sizes a
         sampler uses (2 and 16 cover 2..any). Requests meanwhile run the plain network; afterwards the
-        compiled one (about 1.5x faster on 2 cores for the emoji models). Returns the thread, or None
-        on a GPU (CUDA graphs serve there; see `compile=True`)."""
+        compiled, faster one (bench/NOTES.md). Returns the thread, or None on a GPU (CUDA graphs serve
+        there; see `compile=True`)."""
         if self.device.type != "cpu":
             return None
         if not (isinstance(self.net, FastForward) and self.net.compile):
@@ -235,45 +216,25 @@ class Pipeline:
         sampler: str,
         guidance_schedule: str = "constant",
         guidance_power: float = 1.0,
+        eta: float | None = None,
     ) -> Settings:
-        """Check every setting once, with messages for users; returns the resolved recipe."""
-        if isinstance(labels, (str, int)):
-            labels = [labels]
-        if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
-            seeds = [int(seeds)]
-        labels, seeds = list(labels), list(seeds)
-        if not labels:
-            raise InputError("need at least one class")
-        if len(seeds) == 1 and len(labels) > 1:
-            seeds = [seeds[0] + i for i in range(len(labels))]
+        """The request as checked `Settings` (an InputError with a message for users otherwise): class
+        names resolved to ids, one class for every seed or one seed (seed, seed + 1, ...) for every class."""
+        labels, seeds = _as_list(labels), _as_list(seeds)
+        first = seeds[0] if len(seeds) == 1 else None
+        if len(labels) > 1 and isinstance(first, numbers.Integral) and not isinstance(first, bool):
+            seeds = [int(first) + i for i in range(len(labels))]
         if len(labels) == 1 and len(seeds) > 1:
             labels = labels * len(seeds)
-        if len(labels) != len(seeds):
-            raise InputError(f"got {len(labels)} classes but {len(seeds)} seeds")
-        if len(labels) > MAX_IMAGES:
-            raise InputError(f"at most {MAX_IMAGES} images per request, got {len(labels)}")
-        for s in seeds:
-            if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= int(s) <= MAX_SEED:
-                raise InputError(f"seed must be an integer in [0, {MAX_SEED}], got {s!r}")
-        if sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if isinstance(steps, float) and steps.is_integer():
-            steps = int(steps)
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= int(steps) <= MAX_STEPS:
-            raise InputError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
-        for name, v in (("guidance", guidance), ("guidance power", guidance_power)):
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not math.isfinite(v) or v < 0:
-                raise InputError(f"{name} must be a finite number >= 0, got {v!r}")
-        if guidance_schedule not in ("constant", "power-cosine"):
-            raise InputError(f"guidance schedule must be 'constant' or 'power-cosine', got {guidance_schedule!r}")
         return Settings(
             labels=tuple(self.resolve_label(lb) for lb in labels),
-            seeds=tuple(int(s) for s in seeds),
-            steps=int(steps),
-            guidance=float(guidance),
+            seeds=tuple(seeds),
+            steps=steps,
+            guidance=guidance,
             sampler=sampler,
             guidance_schedule=guidance_schedule,
-            guidance_power=float(guidance_power),
+            guidance_power=guidance_power,
+            eta=eta,
             model=self.name,
         )
 
@@ -345,6 +306,7 @@ class Pipeline:
             guidance=settings.guidance,
             guidance_schedule=settings.guidance_schedule,
             guidance_power=settings.guidance_power,
+            eta=settings.eta,
             generators=gens,
             intervention=intervention,
         ):
@@ -363,26 +325,60 @@ class Pipeline:
         keep_trajectory: bool = False,
         guidance_schedule: str = "constant",
         guidance_power: float = 1.0,
+        eta: float | None = None,
+        batch_size: int = 16,
     ) -> GenerationResult:
-        settings = self.validate(labels, seeds, steps, guidance, sampler, guidance_schedule, guidance_power)
-        t0 = time.perf_counter()
-        trajectory: list[Preview] = []
-        state = None
-        for state, pv in self.stream(settings, previews=keep_trajectory):  # noqa: B007 - the last state is the result
-            if pv is not None:
-                trajectory.append(pv)
-        assert state is not None
-        t1 = time.perf_counter()
-        images = self.to_images(state.x)
-        t2 = time.perf_counter()
+        """Images for a request (see `validate`), sampled and decoded `batch_size` images at a time to
+        bound memory; each image has its own seed's generator, so the batch size does not change it."""
+        settings = self.validate(labels, seeds, steps, guidance, sampler, guidance_schedule, guidance_power, eta)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        images: list[Image.Image] = []
+        chunks: list[list[Preview]] = []
+        sampling_s = decode_s = 0.0
+        for i in range(0, len(settings.seeds), batch_size):
+            part = dataclasses.replace(
+                settings, labels=settings.labels[i : i + batch_size], seeds=settings.seeds[i : i + batch_size]
+            )
+            t0 = time.perf_counter()
+            state, trajectory = None, []
+            for state, pv in self.stream(part, previews=keep_trajectory):  # noqa: B007 - the last state is the result
+                if pv is not None:
+                    trajectory.append(pv)
+            assert state is not None
+            t1 = time.perf_counter()
+            images += self.to_images(state.x)
+            decode_s += time.perf_counter() - t1
+            sampling_s += t1 - t0
+            chunks.append(trajectory)
         timings = {
-            "sampling_s": t1 - t0,
-            "decode_s": t2 - t1,
-            "total_s": t2 - t0,
-            "per_image_s": (t2 - t0) / len(settings.labels),
+            "sampling_s": sampling_s,
+            "decode_s": decode_s,
+            "total_s": sampling_s + decode_s,
+            "per_image_s": (sampling_s + decode_s) / len(settings.labels),
             "nfe": state.nfe,
         }
+        trajectory = [_concat(step) for step in zip(*chunks)] if keep_trajectory else []
         return GenerationResult(images=images, settings=settings, trajectory=trajectory, timings=timings)
+
+
+def _as_list(v: object) -> list:
+    """A request field as a list: a sequence as it is, anything else (a name, a number) as one item."""
+    return list(v) if isinstance(v, Iterable) and not isinstance(v, (str, bytes)) else [v]
+
+
+def _concat(previews: Sequence[Preview]) -> Preview:
+    """One step's previews of consecutive batches as one batch."""
+    first = previews[0]
+    if len(previews) == 1:
+        return first
+    cat = lambda parts: [torch.cat(p) for p in zip(*parts)]  # elementwise over the batches' lists
+    return dataclasses.replace(
+        first,
+        x_t=torch.cat([p.x_t for p in previews]),
+        branches=cat([p.branches for p in previews]),
+        latents=None if first.latents is None else cat([p.latents for p in previews]),
+    )
 
 
 def settings_dict(settings: Settings) -> dict:

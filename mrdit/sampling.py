@@ -1,14 +1,21 @@
-"""Samplers: one signature, each a generator that yields its state after every solver update.
+"""Samplers: plain functions with one signature, each a generator that yields its state after every
+solver update (k-diffusion's `sample_*`):
+
+    sample_dpmpp_2m(denoise, x, ts, *, generators=None) -> Iterator[StepState]
+
+`denoise` is a `BranchDenoiser`, the guidance closure at continuous time t; `ts` is the time grid, from
+`mrdit.schedule`. `SAMPLER_REGISTRY` names them with their grids; `iterate` builds both and runs one:
 
     for state in iterate(model, noise, labels, sampler="dpm++2m", steps=25, guidance=3.0):
         ...  # state.x, state.x0[k] (branch k's clean estimate at its own resolution), state.nfe
     x = sample(model, noise, labels, sampler="dpm++2m", steps=25, guidance=3.0)
 
 `sample` drains the same generator: there is no second code path. All samplers run in continuous
-time t in (0, 1] on the model's noise schedule, from t = 1 down a grid uniform in t.
+time t in (0, 1] on the model's noise schedule, from t = 1 down a grid uniform in t, with `steps`
+network evaluations.
 
 - `dpm-fast`: the release's sampler, DPM-Solver++ singlestep with orders 3/2/1 mixed (Lu et al. 2022),
-  `steps` network evaluations, ending at t = 1/N with no extra denoising step.
+  ending at t = 1/N with no extra denoising step.
 - `dpm++2m`: multistep DPM-Solver++ (2nd order), one evaluation per step, last step to the clean end.
 - `dpm++2m-sde`: the stochastic counterpart of `dpm++2m` (DPM-Solver++(2M) for the reverse SDE, Lu et
   al. 2022b): each step is the DDPM posterior step plus a second-order correction from the previous
@@ -22,17 +29,17 @@ the estimate divides by a tiny alpha. Latent models (and the parity runs) never 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+import numbers
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .guidance import Denoiser, guidance_weight_fn, guided_denoiser
+from .guidance import GUIDANCE_REGISTRY, GUIDANCE_SCHEDULES, Denoiser, guidance_weight_fn, guided_denoiser
 from .interventions import BranchGuidance, Intervention, InterventionDenoiser, check_intervention
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, dpm_fast_orders, dpm_fast_update_times, uniform_grid, uniform_grid_to_clean
 
-SAMPLERS = ("dpm-fast", "dpm++2m", "dpm++2m-sde", "ddim", "ddpm")
 MAX_STEPS = 1000
 
 
@@ -67,76 +74,90 @@ def branch_estimate(x: torch.Tensor, eps_k: torch.Tensor, alpha: float, sigma: f
     return (pooled - sigma * eps_k / f) / alpha
 
 
-class _Evaluator:
-    """Calls the denoiser at continuous time t, counts evaluations, keeps the last per-branch outputs."""
+@dataclass(frozen=True)
+class Prediction:
+    """One network evaluation at time `t`: each branch's (guided) noise prediction and clean estimate,
+    coarse to fine."""
 
-    def __init__(self, denoise: Denoiser, schedule: NoiseSchedule, clip: bool = False) -> None:
-        self.denoise = denoise
-        self.schedule = schedule
-        self.clip = clip
-        self.nfe = 0
-        self.eps: list[torch.Tensor] = []
-        self.x0: list[torch.Tensor] = []
-        self.t = 1.0
+    t: float
+    eps: list[torch.Tensor]
+    x0: list[torch.Tensor]
 
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Data prediction of the finest branch, x0 = (x - sigma eps) / alpha (clamped to [-1, 1] if clipping)."""
-        alpha, sigma = float(self.schedule.alpha(t)), float(self.schedule.sigma(t))
-        self.eps = [e.float() for e in self.denoise(x, self.schedule.network_step(t))]
-        self.x0 = [branch_estimate(x, e, alpha, sigma) for e in self.eps]
-        if self.clip:
-            self.x0 = [x0.clamp(-1, 1) for x0 in self.x0]
-        self.nfe += 1
-        self.t = float(t)
+    @property
+    def data(self) -> torch.Tensor:
+        """The finest branch's clean estimate: the data prediction D the solvers step with."""
         return self.x0[-1]
 
-    def state(self, index: int, total: int, x: torch.Tensor, t: torch.Tensor) -> StepState:
-        s = self.schedule
-        return StepState(
-            index=index,
-            total=total,
-            t=float(t),
-            alpha=float(s.alpha(t)),
-            sigma=float(s.sigma(t)),
-            log_snr=float(s.log_snr(t)),
-            x=x,
-            eps=self.eps,
-            x0=self.x0,
-            eval_t=self.t,
-            nfe=self.nfe,
-        )
+
+@dataclass(frozen=True)
+class BranchDenoiser:
+    """The `denoise` argument of every sampler: (x, t) -> Prediction at continuous time t, from the
+    guidance closure `eps` (x, n) -> per-branch noise predictions at DDPM step n = N t. Estimates are
+    clamped to [-1, 1] when `clip` (pixel-space models). It keeps no state; samplers count evaluations."""
+
+    eps: Denoiser
+    schedule: NoiseSchedule
+    clip: bool = False
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> Prediction:
+        alpha, sigma = float(self.schedule.alpha(t)), float(self.schedule.sigma(t))
+        eps = [e.float() for e in self.eps(x, self.schedule.network_step(t))]
+        x0 = [branch_estimate(x, e, alpha, sigma) for e in eps]
+        if self.clip:
+            x0 = [v.clamp(-1, 1) for v in x0]
+        return Prediction(float(t), eps, x0)
 
 
-def _dpm_fast_orders(steps: int) -> list[int]:
-    """Orders of the release's singlestep "fast" variant for `steps` evaluations (they sum to steps)."""
-    K = steps // 3 + 1
-    if steps % 3 == 0:
-        return [3] * (K - 2) + [2, 1]
-    if steps % 3 == 1:
-        return [3] * (K - 1) + [1]
-    return [3] * (K - 1) + [2]
+def step_state(
+    schedule: NoiseSchedule, index: int, total: int, x: torch.Tensor, t: torch.Tensor, p: Prediction, nfe: int
+) -> StepState:
+    """The state after update `index` of `total`: x at time t, with the prediction `p` just made."""
+    return StepState(
+        index=index,
+        total=total,
+        t=float(t),
+        alpha=float(schedule.alpha(t)),
+        sigma=float(schedule.sigma(t)),
+        log_snr=float(schedule.log_snr(t)),
+        x=x,
+        eps=p.eps,
+        x0=p.x0,
+        eval_t=p.t,
+        nfe=nfe,
+    )
 
 
-def _dpm_fast(ev: _Evaluator, x: torch.Tensor, steps: int) -> Iterator[StepState]:
-    ns = ev.schedule
-    grid = torch.linspace(1.0, ns.t_min, steps + 1)  # (steps + 1,) uniform in t
-    orders = _dpm_fast_orders(steps)
-    outer = grid[torch.cumsum(torch.tensor([0, *orders]), 0)]
+Generators = Sequence[torch.Generator] | None
+
+
+def sample_dpm_fast(
+    denoise: BranchDenoiser, x: torch.Tensor, ts: torch.Tensor, *, generators: Generators = None
+) -> Iterator[StepState]:
+    """The release's sampler: singlestep DPM-Solver++ (Lu et al. 2022) with orders 3/2/1 mixed, one
+    network evaluation per interval of `ts` (`uniform_grid`: ending at t = 1/N, with no extra denoising
+    step), an update of order m spanning m intervals (`dpm_fast_orders`). Deterministic: `generators`
+    is unused."""
+    ns = denoise.schedule
+    orders = dpm_fast_orders(len(ts) - 1)
+    outer = dpm_fast_update_times(ts)
+    nfe = 0
     for i, m in enumerate(orders):
         s, t = outer[i], outer[i + 1]
         lam = ns.log_snr(torch.linspace(float(s), float(t), m + 1))  # lambda at the m + 1 inner points
         h = lam[-1] - lam[0]
         alpha_t, sigma_s, sigma_t = ns.alpha(t), ns.sigma(s), ns.sigma(t)
         phi_1 = torch.expm1(-h)
-        d_s = ev(x, s)
+        p = denoise(x, s)
+        d_s = p.data
         if m == 1:  # x_t = (sigma_t / sigma_s) x - alpha_t phi_1 D(s)
             x = (sigma_t / sigma_s) * x - alpha_t * phi_1 * d_s
         else:
             r1 = (lam[1] - lam[0]) / h
             s1 = ns.inverse_log_snr(lam[0] + r1 * h)
             u1 = (ns.sigma(s1) / sigma_s) * x - ns.alpha(s1) * torch.expm1(-r1 * h) * d_s
-            d_s1 = ev(u1, s1)
+            p = denoise(u1, s1)
+            d_s1 = p.data
             if m == 2:
                 x = (sigma_t / sigma_s) * x - alpha_t * phi_1 * d_s - (0.5 / r1) * alpha_t * phi_1 * (d_s1 - d_s)
             else:
@@ -149,19 +170,16 @@ def _dpm_fast(ev: _Evaluator, x: torch.Tensor, steps: int) -> Iterator[StepState
                     - ns.alpha(s2) * phi_12 * d_s
                     + (r2 / r1) * ns.alpha(s2) * phi_22 * (d_s1 - d_s)
                 )
-                d_s2 = ev(u2, s2)
+                p = denoise(u2, s2)
+                d_s2 = p.data
                 phi_2 = phi_1 / h + 1
                 x = (sigma_t / sigma_s) * x - alpha_t * phi_1 * d_s + (1.0 / r2) * alpha_t * phi_2 * (d_s2 - d_s)
-        yield ev.state(i, len(orders), x, t)
-
-
-def _grid_to_clean(ns: NoiseSchedule, steps: int) -> torch.Tensor:
-    """`steps` evaluation times uniform in t from 1 to 1/N, then the clean end t = 0."""
-    return torch.cat([torch.linspace(1.0, ns.t_min, steps), torch.zeros(1)])
+        nfe += m
+        yield step_state(ns, i, len(orders), x, t, p, nfe)
 
 
 def _dpmpp_2m(
-    ev: _Evaluator, x: torch.Tensor, steps: int, sde: bool = False, generators: Sequence[torch.Generator] | None = None
+    denoise: BranchDenoiser, x: torch.Tensor, ts: torch.Tensor, sde: bool, generators: Generators
 ) -> Iterator[StepState]:
     """Multistep DPM-Solver++(2M) in data prediction D, for the ODE or (`sde`) the reverse SDE. With
     h = lambda_t - lambda_s and D_2 = D_s + (h / 2) (D_s - D_prev) / h_prev, the data prediction at the
@@ -173,14 +191,14 @@ def _dpmpp_2m(
     The SDE update with D_s in place of D_2 is DDPM's posterior step. The first step is first order,
     and for the SDE so is the step to t = 1/N: on a grid uniform in t its lambda-step is several times
     the one before, and extrapolating D, which carries the injected noise, that far inflates the final
-    noise (Gaussian data, 12 steps: +0.24 standard deviation, against -0.02 with it first order). The
-    last step lands on D (sigma = 0)."""
-    ns = ev.schedule
-    ts = _grid_to_clean(ns, steps)
+    noise (docs/experiments.md, Samplers and guidance). The last step lands on D (sigma = 0)."""
+    ns = denoise.schedule
+    steps = len(ts) - 1
     d_prev, h_prev = None, None
     for i in range(steps):
         s, t = ts[i], ts[i + 1]
-        d = ev(x, s)
+        p = denoise(x, s)
+        d = p.data
         if float(t) == 0.0:
             x = d  # sigma_t = 0: the first-order update lands on the data prediction exactly
         else:
@@ -197,18 +215,37 @@ def _dpmpp_2m(
                 x = (ns.sigma(t) / ns.sigma(s)) * x - ns.alpha(t) * torch.expm1(-h) * d_use
             h_prev = h
         d_prev = d
-        yield ev.state(i, steps, x, t)
+        yield step_state(ns, i, steps, x, t, p, i + 1)
 
 
-def _ddim(
-    ev: _Evaluator, x: torch.Tensor, steps: int, eta: float, generators: Sequence[torch.Generator] | None
+def sample_dpmpp_2m(
+    denoise: BranchDenoiser, x: torch.Tensor, ts: torch.Tensor, *, generators: Generators = None
 ) -> Iterator[StepState]:
-    """DDIM (Song et al. 2021) with stochasticity eta; eta = 1 is ancestral DDPM sampling."""
-    ns = ev.schedule
-    ts = _grid_to_clean(ns, steps)
+    """Multistep DPM-Solver++(2M) for the ODE (Lu et al. 2022b, Alg. 2), one evaluation per interval of
+    `ts` (`uniform_grid_to_clean`), the last step to the clean end. Deterministic: `generators` is unused."""
+    yield from _dpmpp_2m(denoise, x, ts, sde=False, generators=None)
+
+
+def sample_dpmpp_2m_sde(
+    denoise: BranchDenoiser, x: torch.Tensor, ts: torch.Tensor, *, generators: Generators = None
+) -> Iterator[StepState]:
+    """DPM-Solver++(2M) for the reverse SDE (Lu et al. 2022b): each step is the DDPM posterior step plus
+    a second-order correction from the previous prediction, so it injects fresh noise like `ddpm` (from
+    `generators`, one per image) but needs far fewer steps."""
+    yield from _dpmpp_2m(denoise, x, ts, sde=True, generators=generators)
+
+
+def sample_ddim(
+    denoise: BranchDenoiser, x: torch.Tensor, ts: torch.Tensor, *, generators: Generators = None, eta: float = 0.0
+) -> Iterator[StepState]:
+    """DDIM (Song et al. 2021) with stochasticity eta, one evaluation per interval of `ts`
+    (`uniform_grid_to_clean`); eta = 1 is ancestral DDPM sampling. Fresh noise comes from `generators`."""
+    ns = denoise.schedule
+    steps = len(ts) - 1
     for i in range(steps):
         s, t = ts[i], ts[i + 1]
-        x0 = ev(x, s)
+        p = denoise(x, s)
+        x0 = p.data
         a_s, s_s, a_t = ns.alpha(s), ns.sigma(s), ns.alpha(t)
         eps = (x - a_s * x0) / s_s  # the eps consistent with the data prediction
         abar_s, abar_t = a_s**2, a_t**2
@@ -218,35 +255,107 @@ def _ddim(
         x = a_t * x0 + torch.sqrt((1 - abar_t - noise_std**2).clamp(min=0)) * eps
         if float(noise_std) > 0:
             x = x + noise_std * _noise_like(x, generators)
-        yield ev.state(i, steps, x, t)
+        yield step_state(ns, i, steps, x, t, p, i + 1)
 
 
-def _noise_like(x: torch.Tensor, generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+def _noise_like(x: torch.Tensor, generators: Generators) -> torch.Tensor:
     if generators is None:
         return torch.randn_like(x)
     return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device) for g in generators]).to(x)
 
 
-def validate_sampling_args(
-    sampler: str,
-    steps: int,
-    guidance: float,
-    guidance_schedule: str,
-    guidance_power: float,
-    eta: float | None = None,
-) -> None:
-    """Clear errors for out-of-range settings (shared by the API, CLI and app)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
-    if eta is not None and (sampler not in ("ddim", "ddpm") or not math.isfinite(eta) or eta < 0):
-        raise ValueError(f"eta applies to ddim and ddpm only, as a finite number >= 0; got eta={eta!r} with {sampler}")
-    for name, v in (("guidance", guidance), ("guidance_power", guidance_power)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    if guidance_schedule not in ("constant", "power-cosine"):
-        raise ValueError(f"guidance_schedule must be 'constant' or 'power-cosine', got {guidance_schedule!r}")
+def _every_time(ts: torch.Tensor) -> torch.Tensor:
+    return ts  # one update per interval of the grid
+
+
+Sampler = Callable[..., Iterator[StepState]]  # (denoise, x, ts, *, generators=None[, eta]) -> states
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler in the registry: its function, the grid `ts` it steps on (`steps` evaluations), whether
+    it draws fresh noise by default, and, for the samplers that take DDIM's `eta`, its default."""
+
+    fn: Sampler
+    grid: Callable[[NoiseSchedule, int], torch.Tensor]
+    stochastic: bool
+    eta: float | None = None
+    update_times: Callable[[torch.Tensor], torch.Tensor] = _every_time  # ts -> the times the updates reach
+
+
+SAMPLER_REGISTRY: dict[str, SamplerSpec] = {
+    "dpm-fast": SamplerSpec(sample_dpm_fast, uniform_grid, stochastic=False, update_times=dpm_fast_update_times),
+    "dpm++2m": SamplerSpec(sample_dpmpp_2m, uniform_grid_to_clean, stochastic=False),
+    "dpm++2m-sde": SamplerSpec(sample_dpmpp_2m_sde, uniform_grid_to_clean, stochastic=True),
+    "ddim": SamplerSpec(sample_ddim, uniform_grid_to_clean, stochastic=False, eta=0.0),
+    "ddpm": SamplerSpec(sample_ddim, uniform_grid_to_clean, stochastic=True, eta=1.0),
+}
+SAMPLERS = tuple(SAMPLER_REGISTRY)
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to sample: the solver, its number of network evaluations and the guidance, checked on
+    construction with messages that name the field. `iterate` checks its keyword arguments through it.
+
+    `guidance` is w in eps_u + w (eps_c - eps_u) (1 = none; the release's "0.4" is 1.4); with
+    `guidance_schedule="power-cosine"` w rises from 1 to `guidance` with power `guidance_power`. `eta`
+    is DDIM's stochasticity, for the samplers that take it (None: the sampler's default)."""
+
+    sampler: str
+    steps: int
+    guidance: float = 1.0
+    guidance_schedule: str = "constant"
+    guidance_power: float = 1.0
+    eta: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sampler, str) or self.sampler not in SAMPLER_REGISTRY:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLER_REGISTRY)}, got {self.sampler!r}")
+        steps = self.steps
+        if isinstance(steps, float) and steps.is_integer():
+            steps = int(steps)
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {self.steps!r}")
+        object.__setattr__(self, "steps", int(steps))
+        for name in ("guidance", "guidance_power"):
+            v = getattr(self, name)
+            if not _number(v) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        if not isinstance(self.guidance_schedule, str) or self.guidance_schedule not in GUIDANCE_REGISTRY:
+            raise ValueError(
+                f"guidance_schedule must be one of {', '.join(GUIDANCE_SCHEDULES)}, got {self.guidance_schedule!r}"
+            )
+        if self.eta is not None:
+            takes = [name for name, spec in SAMPLER_REGISTRY.items() if spec.eta is not None]
+            if self.sampler not in takes or not _number(self.eta) or not math.isfinite(self.eta) or self.eta < 0:
+                raise ValueError(
+                    f"eta applies to {' and '.join(takes)} only, as a finite number >= 0; "
+                    f"got eta={self.eta!r} with {self.sampler}"
+                )
+            object.__setattr__(self, "eta", float(self.eta))
+
+
+def _denoiser(
+    model: torch.nn.Module, labels: torch.Tensor, opts: SamplerSettings, intervention: Intervention | None
+) -> BranchDenoiser:
+    """The guidance closure for one run (with the intervention, if any) as a sampler's `denoise`."""
+    config = model.config
+    schedule = NoiseSchedule(config.schedule)
+    weight = guidance_weight_fn(opts.guidance, opts.guidance_schedule, opts.guidance_power, schedule.N)
+    if intervention is None:
+        eps: Denoiser = guided_denoiser(model, labels, weight, config.null_label)
+    else:
+        check_intervention(intervention, model, labels.shape[0], opts.steps)  # steps = evaluations
+        if opts.guidance_schedule != "constant" and isinstance(intervention, BranchGuidance):
+            raise ValueError("guidance_schedule must be 'constant' with BranchGuidance (its weights replace guidance)")
+        eps = InterventionDenoiser(model, labels, weight, config.null_label, intervention, opts.guidance != 1.0)
+    return BranchDenoiser(eps, schedule, clip=config.clips_x0)
 
 
 def iterate(
@@ -265,38 +374,19 @@ def iterate(
 ) -> Iterator[StepState]:
     """Yield a StepState after every solver update, starting from `noise` (x at t = 1).
 
-    `guidance` is w in eps_u + w (eps_c - eps_u) (1 = none; the release's "0.4" is 1.4). With
-    `guidance_schedule="power-cosine"`, w rises from 1 to `guidance` (= w_max) with power `guidance_power`.
-    `generators` (one per image) drive the fresh noise of stochastic samplers. `eta` is DDIM's
-    stochasticity (default 0 for `ddim`, 1 for `ddpm`); the other samplers refuse it.
+    The settings are those of `SamplerSettings` (`eta`: default 0 for `ddim`, 1 for `ddpm`; the other
+    samplers refuse it). `generators` (one per image) drive the fresh noise of stochastic samplers.
     `intervention` (see `mrdit.interventions`; DiMR networks only, not a compiled wrapper) edits the
     branch hand-offs; `BranchGuidance` replaces `guidance` and needs the constant schedule.
     """
-    validate_sampling_args(sampler, steps, guidance, guidance_schedule, guidance_power, eta)
-    config = model.config
+    opts = SamplerSettings(sampler, steps, guidance, guidance_schedule, guidance_power, eta)
     if labels.shape != (noise.shape[0],):
         raise ValueError(f"labels must have shape ({noise.shape[0]},), got {tuple(labels.shape)}")
-    schedule = NoiseSchedule(config.schedule)
-    weight = guidance_weight_fn(float(guidance), guidance_schedule, float(guidance_power), schedule.N)
-    if intervention is None:
-        denoise: Denoiser = guided_denoiser(model, labels, weight, config.null_label)
-    else:
-        check_intervention(intervention, model, noise.shape[0], steps)  # steps = evaluations
-        if guidance_schedule != "constant" and isinstance(intervention, BranchGuidance):
-            raise ValueError("guidance_schedule must be 'constant' with BranchGuidance (its weights replace guidance)")
-        denoise = InterventionDenoiser(model, labels, weight, config.null_label, intervention, float(guidance) != 1.0)
-    ev = _Evaluator(denoise, schedule, clip=config.clips_x0)
-    x = noise.float()
-    if sampler == "dpm-fast":
-        yield from _dpm_fast(ev, x, steps)
-    elif sampler == "dpm++2m":
-        yield from _dpmpp_2m(ev, x, steps)
-    elif sampler == "dpm++2m-sde":
-        yield from _dpmpp_2m(ev, x, steps, sde=True, generators=generators)
-    elif sampler == "ddim":
-        yield from _ddim(ev, x, steps, 0.0 if eta is None else eta, generators)
-    else:
-        yield from _ddim(ev, x, steps, 1.0 if eta is None else eta, generators)
+    denoise = _denoiser(model, labels, opts, intervention)
+    spec = SAMPLER_REGISTRY[opts.sampler]
+    options = {} if spec.eta is None else {"eta": spec.eta if opts.eta is None else opts.eta}
+    ts = spec.grid(denoise.schedule, opts.steps)
+    yield from spec.fn(denoise, noise.float(), ts, generators=generators, **options)
 
 
 def sample(model: torch.nn.Module, noise: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -327,8 +417,5 @@ def noise_for_seeds(
 def planned_times(sampler: str, steps: int, schedule: NoiseSchedule) -> list[float]:
     """The time t each solver update of `iterate` reaches, known before the first one: the whole
     planned schedule (one entry per yielded StepState; `dpm-fast` yields fewer updates than `steps`)."""
-    if sampler == "dpm-fast":
-        grid = torch.linspace(1.0, schedule.t_min, steps + 1)
-        outer = grid[torch.cumsum(torch.tensor([0, *_dpm_fast_orders(steps)]), 0)]
-        return [float(t) for t in outer[1:]]
-    return [float(t) for t in _grid_to_clean(schedule, steps)[1:]]
+    spec = SAMPLER_REGISTRY[sampler]
+    return [float(t) for t in spec.update_times(spec.grid(schedule, steps))[1:]]

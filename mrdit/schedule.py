@@ -101,3 +101,31 @@ class NoiseSchedule:
         """sqrt(abar_n), sqrt(1 - abar_n) for integer steps n in {1..N} (float32)."""
         abar = self.abar.to(n.device)[n.long() - 1]
         return abar.sqrt().float(), (1 - abar).sqrt().float()
+
+
+def uniform_grid(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
+    """`steps` + 1 times uniform in t from 1 down to 1/N: the release's grid for `dpm-fast`."""
+    return torch.linspace(1.0, schedule.t_min, steps + 1)
+
+
+def uniform_grid_to_clean(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
+    """`steps` evaluation times uniform in t from 1 down to 1/N, then the clean end t = 0."""
+    return torch.cat([torch.linspace(1.0, schedule.t_min, steps), torch.zeros(1)])
+
+
+def dpm_fast_orders(steps: int) -> list[int]:
+    """Orders of the release's singlestep "fast" DPM-Solver++ for `steps` evaluations (they sum to
+    `steps`): as many third-order updates as fit, then a second- and/or first-order one."""
+    K = steps // 3 + 1
+    if steps % 3 == 0:
+        return [3] * (K - 2) + [2, 1]
+    if steps % 3 == 1:
+        return [3] * (K - 1) + [1]
+    return [3] * (K - 1) + [2]
+
+
+def dpm_fast_update_times(ts: torch.Tensor) -> torch.Tensor:
+    """The times of `uniform_grid` that `dpm-fast`'s updates start and end on: an update of order m
+    spans m intervals of the grid."""
+    orders = dpm_fast_orders(len(ts) - 1)
+    return ts[torch.cumsum(torch.tensor([0, *orders]), 0)]

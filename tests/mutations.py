@@ -100,8 +100,8 @@ MUTATIONS = [
         "mrdit/sampling.py",
         (
             (
-                "    for i in range(steps):\n        s, t = ts[i], ts[i + 1]\n        d = ev(x, s)\n",
-                "    for i in range(steps - 1):\n        s, t = ts[i], ts[i + 1]\n        d = ev(x, s)\n",
+                "    for i in range(steps):\n        s, t = ts[i], ts[i + 1]\n        p = denoise(x, s)\n        d = p.data\n",
+                "    for i in range(steps - 1):\n        s, t = ts[i], ts[i + 1]\n        p = denoise(x, s)\n        d = p.data\n",
             ),
         ),
         (f"{SAMPLING}::test_fuzz_sampler_arguments",),

@@ -21,8 +21,8 @@ from PIL import Image
 
 sys.path.insert(0, str(ROOT))
 import app  # noqa: E402
-from mrdit.pipeline import MAX_SEED  # noqa: E402
 from mrdit.sampling import MAX_STEPS  # noqa: E402
+from mrdit.settings import MAX_SEED  # noqa: E402
 
 
 def free_port() -> int:
@@ -324,3 +324,37 @@ def test_stop_cancels_a_running_generation(client, monkeypatch):
         "done"
         in client.predict(class_label="face", seed=1, steps=2, guidance=2.0, sampler="ddim", api_name="/generate")[2]
     )
+
+
+def test_the_app_refuses_more_than_its_limit(weights):
+    """The limit is the app's (the library has none): MAX_IMAGES pass the count check, one more does not."""
+    assert app.MAX_IMAGES == 16
+    pipe = app.MODELS.get("tiny")
+    assert len(app._settings(pipe, "face", 0, app.MAX_IMAGES, 2, 2.0, "ddim").seeds) == app.MAX_IMAGES
+    for n in (app.MAX_IMAGES + 1, 0, "abc"):
+        with pytest.raises(gr.Error, match="number of images"):
+            list(app.generate("face", 0, 2, 2.0, "ddim", n, "tiny"))
+
+
+@pytest.mark.parametrize(
+    "kw,field",
+    [(dict(seed="abc"), "seeds"), (dict(steps="10; rm -rf /"), "steps"), (dict(guidance="lots"), "guidance")],
+)
+def test_bad_fields_from_widgets_are_gr_errors_naming_them(weights, kw, field):
+    args = dict(class_label="face", seed=0, steps=2, guidance=2.0, sampler="ddim", num_images=1, model="tiny") | kw
+    with pytest.raises(gr.Error, match=f"{field} must"):
+        list(app.generate(**args))
+
+
+def test_strings_through_the_api_get_messages_naming_the_field(weights, client):
+    """Gradio's own preprocessing of a number widget fails on a string with its generic "raised an
+    exception"; the app's request widgets pass such values on to the checks that name the field."""
+    base = dict(class_label="face", seed=1, steps=2, guidance=2.0, sampler="ddim", num_images=1, model="tiny")
+    cases = ((dict(seed="abc"), "seeds"), (dict(steps="10; rm -rf /"), "steps"), (dict(num_images="x"), "number of images"))
+    for kw, field in cases:
+        with pytest.raises(Exception, match=f"{field} must") as e:
+            client.predict(**base | kw, api_name="/generate")
+        assert "raised an exception" not in str(e.value)
+    with pytest.raises(Exception, match="less than minimum"):  # numbers still get gradio's bounds check
+        client.predict(**base | dict(seed=-1), api_name="/generate")
+    client.predict(**base | dict(seed=7.0, steps=2.0), api_name="/generate")

@@ -232,7 +232,7 @@ def test_snr_scale_shifts_log_snr_and_keeps_old_configs():
 def test_cli_writes_grid_and_gif(tiny_model_dir, tmp_path):
     from PIL import Image
 
-    from mrdit.sample import main
+    from mrdit.generate import main
 
     code = main(
         [

@@ -491,7 +491,7 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
     assert f"{ev['accuracy'] * 100:.1f}% (95% interval " in card and f", {2 * 12} samples)" in card
     assert ev["guidance_schedule"] == "power-cosine" and "guidance power-cosine to 4.0 (p 2.0)" in card
     for args, msg in [
-        (["--guidance-power", "-1"], "--guidance-power must be >= 0"),
+        (["--guidance-power", "-1"], "guidance_power must be a finite number >= 0"),
         (["--sampler", "euler"], "invalid choice: 'euler'"),
     ]:
         bad = subprocess.run(

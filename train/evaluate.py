@@ -36,7 +36,7 @@ from mrdit.checkpoint import CheckpointError, atomic_save_safetensors, read_conf
 from mrdit.data import TensorImageDataset, load_emoji
 from mrdit.guidance import GUIDANCE_SCHEDULES
 from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, Pipeline
-from mrdit.sampling import SAMPLERS
+from mrdit.sampling import SAMPLERS, SamplerSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export import accuracy_text, percent, write_card  # noqa: E402
@@ -206,7 +206,7 @@ def evaluate(
     images, labels, seconds = [], [], 0.0
     for c in tqdm(range(len(pipe.class_names)), desc=f"sampling {model_dir.name}", unit="class"):
         t0 = time.perf_counter()
-        for start in range(0, per_class, 10):  # requests of at most 10 images (the pipeline caps a request)
+        for start in range(0, per_class, 10):  # batches of 10 images, as the recorded evaluations ran
             seeds = list(range(start, min(start + 10, per_class)))
             res = pipe.generate([c] * len(seeds), seeds, **sampling)
             images.append(torch.from_numpy(res.arrays).permute(0, 3, 1, 2).float() / 127.5 - 1)
@@ -286,8 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-card", action="store_true", help="do not write eval.json / update the model cards")
     p.add_argument("--figure", type=Path, help="also write a side-by-side figure of the models at the same seeds (PNG)")
     args = p.parse_args(argv)
-    if args.per_class < 1 or args.steps < 1 or args.guidance < 0 or args.guidance_power < 0:
-        p.error("--per-class and --steps must be >= 1; --guidance and --guidance-power must be >= 0")
+    if args.per_class < 1:
+        p.error("--per-class must be >= 1")
+    try:  # the sampler's own checks, with messages that name the field
+        SamplerSettings(args.sampler, args.steps, args.guidance, args.guidance_schedule, args.guidance_power)
+    except ValueError as e:
+        p.error(str(e))
     if args.classifier_epochs < 1:
         p.error("--classifier-epochs must be >= 1")
     if args.judge_size is not None and args.judge_size < 1:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from mrdit.checkpoint import CheckpointError, atomic_write
 from mrdit.config import changed_fields
+from mrdit.guidance import GUIDANCE_SCHEDULES
 from mrdit.pipeline import InputError, Pipeline, Settings
 from mrdit.visual import to_uint8
 
@@ -129,7 +130,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     p.add_argument("--sampler", help="override the preset's sampler")
     p.add_argument("--steps", type=int, help="override the preset's steps")
     p.add_argument("--guidance", type=float, help="override the preset's guidance w")
-    p.add_argument("--guidance-schedule", choices=["constant", "power-cosine"], help="override the preset's schedule")
+    p.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, help="override the preset's schedule")
     p.add_argument("--guidance-power", type=float, help="override the preset's power (power-cosine)")
     p.add_argument("--seed", type=int, default=0, help="image i gets seed SEED + i (default 0)")
     p.add_argument("--chunk", type=int, default=64, help="images per chunk: one sampler batch, one part file")

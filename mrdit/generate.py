@@ -1,6 +1,6 @@
 """Generate images from the command line, optionally with the trajectory as a GIF.
 
-    python -m mrdit.sample --model weights/mrdit-emoji-32 --class face --seed 0 --steps 25 \
+    python -m mrdit.generate --model weights/mrdit-emoji-32 --class face --seed 0 --steps 25 \
         --guidance 2 --sampler dpm++2m --out grid.png --gif trajectory.gif
 """
 
@@ -11,16 +11,34 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError
+from .guidance import GUIDANCE_SCHEDULES
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, InputError, Pipeline, settings_dict
-from .sampling import SAMPLERS
+from .sampling import SAMPLERS, SamplerSettings
 from .visual import grid, save_gif, trajectory_frame, upscale_nearest
 
 
+def check_device(name: str) -> torch.device:
+    """The device `name`, or an InputError if this machine cannot run on it (instead of torch's trace)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device torch knows (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {name}: MPS is not available on this machine (use --device cpu)")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mrdit.sample", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mrdit.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model directory or Hugging Face Hub repo id")
     p.add_argument("--class", dest="label", required=True, help="class name or id")
     p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i (default 0)")
@@ -32,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_GUIDANCE,
         help=f"w in eps_u + w (eps_c - eps_u); 1 = none (default {DEFAULT_GUIDANCE})",
     )
-    p.add_argument("--guidance-schedule", choices=["constant", "power-cosine"], default="constant")
+    p.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default="constant")
     p.add_argument("--guidance-power", type=float, default=1.0)
     p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help=f"(default {DEFAULT_SAMPLER})")
     p.add_argument("--out", type=Path, required=True, help="PNG grid of the final images")
@@ -40,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--display", type=int, default=96, help="panel size in the GIF and grid (nearest-neighbour, default 96)"
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default cpu)")
     p.add_argument(
         "--compile",
         action="store_true",
@@ -48,19 +66,18 @@ def main(argv: list[str] | None = None) -> int:
         "a one-off wait (about a minute per batch shape for a large model), then faster steps",
     )
     args = p.parse_args(argv)
+    names = ("sampler", "steps", "guidance", "guidance_schedule", "guidance_power")
+    sampler = {name: getattr(args, name) for name in names}  # the flags of SamplerSettings
+    try:  # what can be checked before the model loads
+        SamplerSettings(**sampler)
+        device = check_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    if args.num_images < 1:
+        p.error("--num-images must be >= 1")
     try:
-        pipe = Pipeline.from_pretrained(args.model, device=args.device, compile=args.compile)
-        if args.num_images < 1:
-            raise InputError("--num-images must be >= 1")
-        settings = pipe.validate(
-            args.label,
-            [args.seed + i for i in range(args.num_images)],
-            args.steps,
-            args.guidance,
-            args.sampler,
-            args.guidance_schedule,
-            args.guidance_power,
-        )
+        pipe = Pipeline.from_pretrained(args.model, device=device, compile=args.compile)
+        settings = pipe.validate(args.label, [args.seed + i for i in range(args.num_images)], **sampler)
     except (InputError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
