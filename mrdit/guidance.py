@@ -8,7 +8,7 @@ one forward; the null label comes from the model's config.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -65,6 +65,32 @@ def guided_denoiser(model: torch.nn.Module, labels: torch.Tensor, weight: Weight
         for o in outs:
             cond, uncond = o.chunk(2)  # (B, C, g_k, g_k) each
             guided.append(uncond + w * (cond - uncond))
+        return guided
+
+    return denoise
+
+
+def rowwise_guided_denoiser(
+    model: torch.nn.Module, labels: torch.Tensor, weights: Sequence[WeightFn], null_label: int
+) -> Denoiser:
+    """`guided_denoiser` with one weight function per image, for requests batched together: each row
+    gets exactly what it would get alone (a row at w = 1 takes the conditional prediction as such)."""
+    if len(weights) != labels.shape[0]:
+        raise ValueError(f"need one weight function per image: {len(weights)} for {labels.shape[0]} labels")
+    null = torch.full_like(labels, null_label)
+    both = torch.cat([labels, null])  # (2B,)
+
+    def denoise(x: torch.Tensor, n: torch.Tensor) -> list[torch.Tensor]:
+        t = n.reshape(1).to(x.device, torch.float32)
+        w = torch.tensor([f(float(n)) for f in weights], dtype=torch.float32, device=x.device)  # (B,)
+        if bool((w == 1.0).all()):
+            return model(x, t, labels)  # K x (B, C, g_k, g_k)
+        outs = model(torch.cat([x, x]), t, both)  # K x (2B, C, g_k, g_k)
+        plain = (w == 1.0).view(-1, 1, 1, 1)
+        guided = []
+        for o in outs:
+            cond, uncond = o.chunk(2)  # (B, C, g_k, g_k) each
+            guided.append(torch.where(plain, cond, uncond + w.view(-1, 1, 1, 1) * (cond - uncond)))
         return guided
 
     return denoise

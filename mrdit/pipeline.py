@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .batching import Request, RequestBatcher
 from .checkpoint import load_model, resolve_model_dir
 from .classes import ClassIndex, ClassLookupError, read_synonyms
 from .config import ModelConfig
 from .fast import FastForward
 from .interventions import Intervention, check_intervention
 from .preview import VAE_KIND, cached_linear_preview
-from .sampling import StepState, iterate, noise_for_seeds
+from .sampling import SamplerSettings, StepState, iterate, iterate_rows, noise_for_seeds
 from .settings import InputError, Settings
 from .visual import to_uint8
 
@@ -140,6 +141,8 @@ class Pipeline:
         self.previewer = previewer if previewer is not None else self.decoder
         self.synonyms = dict(synonyms or {})
         self._classes: ClassIndex | None = None
+        self._batcher: RequestBatcher | None = None
+        self._batcher_lock = threading.Lock()
         self.name = name
         self.device = next(model.parameters()).device
         cuda = self.device.type == "cuda"
@@ -312,6 +315,30 @@ class Pipeline:
         ):
             yield state, (self.preview(state) if previews else None)
 
+    def stream_batched(
+        self, settings: Settings, previews: bool = True, max_rows: int = 32
+    ) -> Iterator[tuple[StepState, Preview | None]]:
+        """`stream`, with concurrent calls that share a sampling plan (`plan_key`) joined into one
+        batched sampler run of at most `max_rows` images (`mrdit.batching`): each call gets exactly its
+        own images and steps, as if it ran alone, and closing the iterator cancels only this call."""
+        with self._batcher_lock:
+            if self._batcher is None:
+                self._batcher = RequestBatcher(self._run_requests, plan_key, max_rows=max_rows)
+        for state in self._batcher.stream(settings, rows=len(settings.seeds)):
+            yield state, (self.preview(state) if previews else None)
+
+    def _run_requests(self, requests: Sequence[Request]) -> Iterator[StepState]:
+        """One sampler run for batched requests: their seeds, labels and guidance weights side by side."""
+        every = [r.settings for r in requests]
+        c = self.config
+        seeds = [seed for s in every for seed in s.seeds]
+        noise, gens = noise_for_seeds(seeds, (c.channels, c.image_size, c.image_size), self.device)
+        labels = torch.tensor([label for s in every for label in s.labels], device=self.device)
+        guidance = [s.guidance for s in every for _ in s.seeds]
+        plan = every[0]
+        opts = SamplerSettings(plan.sampler, plan.steps, plan.guidance, plan.guidance_schedule, plan.guidance_power, plan.eta)
+        yield from iterate_rows(self.net, noise, labels, opts, guidance, gens)
+
     def to_images(self, x: torch.Tensor) -> list[Image.Image]:
         return [Image.fromarray(a) for a in to_uint8(self.decoder(x).clamp(-1, 1))]
 
@@ -383,3 +410,16 @@ def _concat(previews: Sequence[Preview]) -> Preview:
 
 def settings_dict(settings: Settings) -> dict:
     return asdict(settings)
+
+
+def plan_key(settings: Settings) -> tuple:
+    """What requests must share to run as one batch: everything but seeds, classes and the guidance
+    weight, and whether guidance is on at all (w = 1 runs the conditional pass only)."""
+    return (
+        settings.sampler,
+        settings.steps,
+        settings.guidance_schedule,
+        settings.guidance_power,
+        settings.eta,
+        settings.guidance == 1.0,
+    )

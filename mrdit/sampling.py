@@ -31,12 +31,19 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from .guidance import GUIDANCE_REGISTRY, GUIDANCE_SCHEDULES, Denoiser, guidance_weight_fn, guided_denoiser
+from .guidance import (
+    GUIDANCE_REGISTRY,
+    GUIDANCE_SCHEDULES,
+    Denoiser,
+    guidance_weight_fn,
+    guided_denoiser,
+    rowwise_guided_denoiser,
+)
 from .interventions import BranchGuidance, Intervention, InterventionDenoiser, check_intervention
 from .schedule import NoiseSchedule, dpm_fast_orders, dpm_fast_update_times, uniform_grid, uniform_grid_to_clean
 
@@ -382,11 +389,34 @@ def iterate(
     opts = SamplerSettings(sampler, steps, guidance, guidance_schedule, guidance_power, eta)
     if labels.shape != (noise.shape[0],):
         raise ValueError(f"labels must have shape ({noise.shape[0]},), got {tuple(labels.shape)}")
-    denoise = _denoiser(model, labels, opts, intervention)
+    yield from _run(_denoiser(model, labels, opts, intervention), noise, opts, generators)
+
+
+def _run(denoise: BranchDenoiser, noise: torch.Tensor, opts: SamplerSettings, generators: Generators) -> Iterator[StepState]:
+    """The registry's sampler for `opts`, on its grid, from `noise`."""
     spec = SAMPLER_REGISTRY[opts.sampler]
     options = {} if spec.eta is None else {"eta": spec.eta if opts.eta is None else opts.eta}
     ts = spec.grid(denoise.schedule, opts.steps)
     yield from spec.fn(denoise, noise.float(), ts, generators=generators, **options)
+
+
+def iterate_rows(
+    model: torch.nn.Module,
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    opts: SamplerSettings,
+    guidance: Sequence[float],
+    generators: Sequence[torch.Generator] | None = None,
+) -> Iterator[StepState]:
+    """`iterate` for a batch whose images share `opts` but each have their own guidance weight (from
+    requests batched together, `mrdit.batching`): every row is what `iterate` gives it alone."""
+    if labels.shape != (noise.shape[0],) or len(guidance) != noise.shape[0]:
+        raise ValueError(f"need one label and one guidance weight per image ({noise.shape[0]})")
+    schedule = NoiseSchedule(model.config.schedule)
+    rows = [replace(opts, guidance=w) for w in guidance]  # each weight checked as `guidance` is
+    weights = [guidance_weight_fn(r.guidance, r.guidance_schedule, r.guidance_power, schedule.N) for r in rows]
+    eps = rowwise_guided_denoiser(model, labels, weights, model.config.null_label)
+    yield from _run(BranchDenoiser(eps, schedule, clip=model.config.clips_x0), noise, opts, generators)
 
 
 def sample(model: torch.nn.Module, noise: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
