@@ -26,6 +26,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -63,6 +64,11 @@ DEFAULT_MODEL = os.environ.get("MRDIT_MODEL", "mrdit-emoji-32")
 # Pixel-space demo models on the CPU are compiled in the background after loading (MRDIT_COMPILE=0: never;
 # never on ZeroGPU, which does not support torch.compile).
 COMPILE = os.environ.get("MRDIT_COMPILE", "1") != "0" and not on_zero_gpu()
+# Concurrent Generate requests with one sampling plan share one batched sampler run (MRDIT_BATCH=0: each
+# request runs alone, two at a time); BATCH_IMAGES caps a batch, GENERATE_CONCURRENCY the requests let in.
+BATCH = os.environ.get("MRDIT_BATCH", "1") != "0"
+BATCH_IMAGES = 32
+GENERATE_CONCURRENCY = 16 if BATCH else 2
 MAX_IMAGES = 16  # images per request: the app's limit (the library has none)
 DISPLAY = 96  # every panel is shown at this size, nearest-neighbour, so model pixels stay honest
 STREAM_INTERVAL = 0.08  # seconds between streamed frames (the last step is always shown)
@@ -416,15 +422,17 @@ def generate(class_label, seed, steps, guidance, sampler, num_images=4, model=DE
     last_emit = 0.0
     state = frame = None
     try:
-        for state, pv in pipe.stream(run.settings):
-            SAMPLER_STEPS[0] += 1
-            frame = to_frame(state, pv)
-            run.traj.add(state.index, frame)
-            now = time.perf_counter()
-            if now - last_emit >= STREAM_INTERVAL or state.index + 1 == state.total:
-                last_emit = now
-                status = status_text(frame, run.traj, now - t0)
-                yield (render(run, frame), None, status, run, *([gr.update()] * 4))
+        states = pipe.stream_batched(run.settings, max_rows=BATCH_IMAGES) if BATCH else pipe.stream(run.settings)
+        with closing(states):  # closed on Stop: this request's deliveries end, its batch goes on
+            for state, pv in states:
+                SAMPLER_STEPS[0] += 1
+                frame = to_frame(state, pv)
+                run.traj.add(state.index, frame)
+                now = time.perf_counter()
+                if now - last_emit >= STREAM_INTERVAL or state.index + 1 == state.total:
+                    last_emit = now
+                    status = status_text(frame, run.traj, now - t0)
+                    yield (render(run, frame), None, status, run, *([gr.update()] * 4))
         assert state is not None and frame is not None
         _finish(pipe, run, state.x)
     except Exception as e:
@@ -1160,7 +1168,7 @@ def _runs_tab() -> dict:
 def _wire_watch(c: dict, w: dict, run, timer) -> None:
     inputs = [c["class_label"], c["seed"], c["steps"], c["guidance"], c["sampler"], c["num_images"], c["model"]]
     watch_out = [w["panels"], w["final"], w["status"], run, w["slider"], w["sched"], w["settle"], w["adds"]]
-    gen_event = c["run"].click(generate, inputs, watch_out, api_name="generate", concurrency_limit=2, show_progress="hidden")
+    gen_event = c["run"].click(generate, inputs, watch_out, api_name="generate", concurrency_limit=GENERATE_CONCURRENCY, show_progress="hidden")
     c["stop"].click(None, None, None, cancels=[gen_event], api_visibility="private")
     c["dice"].click(lambda: int(np.random.default_rng().integers(0, 2**31 - 1)), None, c["seed"], api_visibility="private", queue=False)
     w["slider"].change(scrub, [w["slider"], run], [w["panels"], w["status"], w["sched"], w["settle"], w["adds"]], api_name="scrub", show_progress="hidden")

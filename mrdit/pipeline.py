@@ -323,7 +323,7 @@ class Pipeline:
         own images and steps, as if it ran alone, and closing the iterator cancels only this call."""
         with self._batcher_lock:
             if self._batcher is None:
-                self._batcher = RequestBatcher(self._run_requests, plan_key, max_rows=max_rows)
+                self._batcher = RequestBatcher(lambda reqs: self._run_requests(reqs), plan_key, max_rows=max_rows)
         for state in self._batcher.stream(settings, rows=len(settings.seeds)):
             yield state, (self.preview(state) if previews else None)
 

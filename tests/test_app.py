@@ -293,15 +293,15 @@ def test_stop_cancels_a_running_generation(client, monkeypatch):
     )
 
     produced = []
-    real_stream = Pipeline.stream
+    real_run = Pipeline._run_requests  # the batched sampler run behind every Generate request
 
-    def counting(self, settings, previews=True):
-        for item in real_stream(self, settings, previews):
-            produced.append(item[0].index)
+    def counting(self, requests):
+        for state in real_run(self, requests):
+            produced.append(state.index)
             time.sleep(0.05)  # at least 5 s for the run: the cancel lands mid-run on any machine
-            yield item
+            yield state
 
-    monkeypatch.setattr(Pipeline, "stream", counting)
+    monkeypatch.setattr(Pipeline, "_run_requests", counting)
     job = client.submit(
         class_label="face", seed=0, steps=100, guidance=2.0, sampler="ddim", num_images=8, api_name="/generate"
     )
