@@ -9,7 +9,6 @@ for 4 images, then the final VAE decode. Prints time to the first preview, total
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -17,14 +16,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latent_setup import add_model_args, latent_pipeline, model_config, print_config, write_json  # noqa: E402
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+from latent_setup import add_model_args, latent_pipeline, model_config
+from memory import peak_memory_mib, reset_peak
+from report import print_config, write_json
+from timing import sync
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe, fit_s = latent_pipeline(model_config(args), args.vae, args.device)
     device = pipe.device
     load_s = time.perf_counter() - t_load
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    reset_peak(device)
     settings = pipe.validate([207] * args.images, list(range(args.images)), args.steps, args.guidance, args.sampler)
     res: dict[str, object] = {"device": str(device), "load_s": load_s, "fit_s": fit_s}
     if device.type == "cuda":

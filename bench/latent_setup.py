@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from mrdit import build_model, get_preset
-from mrdit.config import ModelConfig
+from mrdit.config import AutoencoderConfig, ModelConfig
 from mrdit.convert import config_from_official
 from mrdit.pipeline import LatentDecoder, Pipeline
 from mrdit.presets import PRESETS
@@ -20,17 +20,6 @@ from mrdit.vae import VAE_ARCHITECTURES, random_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RELEASE = ROOT / "tests" / "data" / "parity" / "tiny_2r.json"  # the release's wiring at small widths
-
-
-def print_config(args: argparse.Namespace) -> None:
-    print("config:", json.dumps({k: str(v) for k, v in vars(args).items()}))
-
-
-def write_json(out: Path | None, res: dict) -> None:
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2))
-        print(f"wrote {out}")
 
 
 def add_model_args(p: argparse.ArgumentParser, preset: str | None) -> None:
@@ -52,7 +41,7 @@ def latent_pipeline(config: ModelConfig, vae_name: str, device: str, linear: boo
     torch.manual_seed(0)
     model = build_model(config, device=device).eval()
     vae = random_vae(vae_name).to(device)
-    scale = config.autoencoder.scale_factor if config.autoencoder else 0.18215
+    scale = (config.autoencoder or AutoencoderConfig()).scale_factor
     t0 = time.perf_counter()
     previewer = fit_linear_preview(vae, scale, size=fit_size(vae, config.image_size)) if linear else None
     fit_s = time.perf_counter() - t0

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -24,123 +21,107 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
+from app_server import generate_inputs, rss_tree_bytes, served_app
+from report import print_config, write_json
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Tally:
+    """Counts and the first error messages, shared by the users' threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.latencies: list[float] = []
+        self.counts = {"completed": 0, "errors": 0, "queue_full": 0, "isolation_violations": 0, "step_mode_steps": 0}
+        self.messages: list[str] = []
+
+    def record(self, kind: str, msg: str = "") -> None:
+        with self.lock:
+            self.counts[kind] += 1
+            if msg and len(self.messages) < 20:
+                self.messages.append(msg[:200])
+
+    def summary(self) -> dict:
+        lat = sorted(self.latencies)
+        return self.counts | {
+            "p50_s": statistics.median(lat) if lat else None,
+            "p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else None,
+            "error_messages": self.messages,
+        }
 
 
-def start_server(port: int, model: str | None) -> subprocess.Popen:
-    env = os.environ | {
-        "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "GRADIO_ANALYTICS_ENABLED": "False",
-    }
-    if model:
-        env["MRDIT_MODEL"] = model
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit("error: the app exited during start-up") from None
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("error: the app did not start within 120 s")
+def walk_steps(client, i: int, steps: int, stop_at: float, tally: Tally) -> None:
+    """Step mode: /step_start, then /step_next until done, checking the session's step counter."""
+    client.predict(**generate_inputs("heart", i, steps, 1, "ddim"), api_name="/step_start")
+    for k in range(1, steps + 1):
+        if time.time() >= stop_at:
+            break
+        out = client.predict(api_name="/step_next")
+        status = out[2] if isinstance(out, (list, tuple)) else str(out)
+        m = re.search(r"step (\d+) / (\d+)", status)
+        if not m or int(m.group(1)) != k:
+            tally.record("isolation_violations", f"user {i} expected step {k}, saw {status!r}")
+        tally.record("step_mode_steps")
 
 
-def rss_tree(proc: psutil.Process) -> int:
+def user(url: str, i: int, steps: int, images: int, stop_at: float, tally: Tally) -> None:
+    """One session: requests back to back until `stop_at`; every fourth user walks step mode."""
+    from gradio_client import Client
+
     try:
-        return proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
-    except psutil.Error:
-        return 0
+        client = Client(url, verbose=False)
+    except Exception as e:
+        tally.record("errors", f"connect: {e}")
+        return
+    while time.time() < stop_at:
+        t0 = time.perf_counter()
+        try:
+            if i % 4 == 3:
+                walk_steps(client, i, steps, stop_at, tally)
+            else:
+                client.predict(**generate_inputs("face", i, steps, images, "dpm++2m"), api_name="/generate")
+            with tally.lock:
+                tally.latencies.append(time.perf_counter() - t0)
+            tally.record("completed")
+        except Exception as e:
+            text = str(e)
+            if "queue" in text.lower() and "full" in text.lower():
+                tally.record("queue_full")
+                time.sleep(0.5)
+            else:
+                tally.record("errors", f"user {i}: {type(e).__name__}: {text}")
 
 
 def run_load(url: str, users: int, seconds: float, steps: int, images: int) -> dict:
-    from gradio_client import Client
-
-    lock = threading.Lock()
-    latencies: list[float] = []
-    counts = {"completed": 0, "errors": 0, "queue_full": 0, "isolation_violations": 0, "step_mode_steps": 0}
-    messages: list[str] = []
-    stop_at = time.time() + seconds
-
-    def record(kind: str, msg: str = "") -> None:
-        with lock:
-            counts[kind] += 1
-            if msg and len(messages) < 20:
-                messages.append(msg[:200])
-
-    def user(i: int) -> None:
-        try:
-            client = Client(url, verbose=False)
-        except Exception as e:
-            record("errors", f"connect: {e}")
-            return
-        stepper = i % 4 == 3
-        while time.time() < stop_at:
-            t0 = time.perf_counter()
-            try:
-                if stepper:
-                    client.predict(
-                        class_label="heart",
-                        seed=i,
-                        steps=steps,
-                        guidance=2.0,
-                        sampler="ddim",
-                        num_images=1,
-                        api_name="/step_start",
-                    )
-                    for k in range(1, steps + 1):
-                        if time.time() >= stop_at:
-                            break
-                        out = client.predict(api_name="/step_next")
-                        status = out[2] if isinstance(out, (list, tuple)) else str(out)
-                        m = re.search(r"step (\d+) / (\d+)", status)
-                        if not m or int(m.group(1)) != k:
-                            record("isolation_violations", f"user {i} expected step {k}, saw {status!r}")
-                        with lock:
-                            counts["step_mode_steps"] += 1
-                else:
-                    client.predict(
-                        class_label="face",
-                        seed=i,
-                        steps=steps,
-                        guidance=2.0,
-                        sampler="dpm++2m",
-                        num_images=images,
-                        api_name="/generate",
-                    )
-                with lock:
-                    latencies.append(time.perf_counter() - t0)
-                record("completed")
-            except Exception as e:
-                text = str(e)
-                if "queue" in text.lower() and "full" in text.lower():
-                    record("queue_full")
-                    time.sleep(0.5)
-                else:
-                    record("errors", f"user {i}: {type(e).__name__}: {text}")
-
-    threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(users)]
+    """`users` concurrent sessions for `seconds`: counts, latency quantiles and the first errors."""
+    tally, stop_at = Tally(), time.time() + seconds
+    threads = [
+        threading.Thread(target=user, args=(url, i, steps, images, stop_at, tally), daemon=True) for i in range(users)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=seconds + 300)
-    lat = sorted(latencies)
-    return counts | {
-        "p50_s": statistics.median(lat) if lat else None,
-        "p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else None,
-        "error_messages": messages,
-    }
+    return tally.summary()
+
+
+def under_watch(proc: psutil.Process, fn) -> tuple[object, int, int]:
+    """Run `fn()` while sampling the server's memory: (its result, memory before, peak memory)."""
+    start = rss_tree_bytes(proc)
+    peak = {"rss": start}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak["rss"] = max(peak["rss"], rss_tree_bytes(proc))
+            time.sleep(0.2)
+
+    w = threading.Thread(target=watch, daemon=True)
+    w.start()
+    try:
+        return fn(), start, peak["rss"]
+    finally:
+        done.set()
+        w.join()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,50 +137,24 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 1 <= args.users <= 64 or not 1 <= args.seconds <= 600:
         p.error("--users must be in [1, 64] and --seconds in [1, 600]")
-    print("config:", json.dumps({k: str(v) for k, v in vars(args).items()}))
-    port = free_port()
-    proc = start_server(port, args.model)
-    ps = psutil.Process(proc.pid)
-    url = f"http://127.0.0.1:{port}/"
-    try:
+    print_config(args)
+    with served_app(args.model) as server:
         from gradio_client import Client
 
-        Client(url, verbose=False).predict(
-            class_label="face", seed=0, steps=2, guidance=2.0, sampler="ddim", num_images=1, api_name="/generate"
-        )
-        start_mem = rss_tree(ps)
-        peak = {"rss": start_mem}
-        done = threading.Event()
-
-        def watch() -> None:
-            while not done.is_set():
-                peak["rss"] = max(peak["rss"], rss_tree(ps))
-                time.sleep(0.2)
-
-        w = threading.Thread(target=watch, daemon=True)
-        w.start()
-        res = run_load(url, args.users, args.seconds, args.steps, args.images)
-        done.set()
-        w.join()
-        alive = proc.poll() is None
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        Client(server.url, verbose=False).predict(**generate_inputs("face", 0, 2, 1, "ddim"), api_name="/generate")
+        load = lambda: run_load(server.url, args.users, args.seconds, args.steps, args.images)
+        res, start_mem, peak = under_watch(server.process, load)
+        alive = server.alive()
     res |= {
         "users": args.users,
         "seconds": args.seconds,
         "server_alive": alive,
         "start_mem_mb": start_mem / 2**20,
-        "peak_mem_mb": peak["rss"] / 2**20,
-        "mem_growth_mb": (peak["rss"] - start_mem) / 2**20,
+        "peak_mem_mb": peak / 2**20,
+        "mem_growth_mb": (peak - start_mem) / 2**20,
     }
     print(json.dumps(res, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=2))
+    write_json(args.out, res, quiet=True)
     return 0 if alive and res["errors"] == 0 and res["isolation_violations"] == 0 else 1
 
 

@@ -6,7 +6,7 @@ previews (the old way), and without previews, all through `Pipeline.stream`, plu
 
 The VAE has the SD VAE's architecture with random weights (timing only). The default model is the
 release's wiring at the parity data's small widths, so that 25 steps run in seconds on a CPU; the
-smaller the model, the larger the share previews take, so this is the hard case for the 1.15x target.
+smaller the model, the larger the share previews take, so this is the hard case.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latent_setup import TINY_RELEASE, add_model_args, latent_pipeline, model_config, print_config, write_json  # noqa: E402
+from latent_setup import TINY_RELEASE, add_model_args, latent_pipeline, model_config
+from report import print_config, write_json
 
 
 def run(pipe, settings, previews: bool):

@@ -5,7 +5,7 @@ conversion, the VAE copy and the preview fit take, and what a cached load costs.
 
 A `.pth` with random weights under the release's own key names and shapes (`tests/data/parity/*_keys.tsv`)
 and a random autoencoder of the SD VAE's architecture stand in for the files on the Hub; the download
-itself (2-4 GB) is not timed: it depends on the network.
+itself is not timed: it depends on the network.
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ from tqdm import tqdm
 from mrdit.pipeline import Pipeline
 from mrdit.released import RELEASES, prepare
 from mrdit.vae import VAE_ARCHITECTURES, random_vae
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latent_setup import print_config, write_json  # noqa: E402
+from report import print_config, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"dimr-xl-2r": "dimr_xl_2r_keys.tsv", "dimr-g-2r": "dimr_g_2r_keys.tsv"}

@@ -5,22 +5,22 @@ the CPU, so it predicts GPU memory before a GPU run.
 
 Counts the distinct tensors saved for backward (`torch.autograd.graph.saved_tensors_hooks`), parameters
 excluded, under the autocast dtype. At small batches the compiled backward's choices are swayed by
-the batch-independent weight casts, so compare cases at one batch (16 or more for DiMR-XL/2R) and use
-differences, not absolute numbers. Checkpointing hides what it saves from the count, so cases with
+the batch-independent weight casts, so compare cases at one batch (bench/NOTES.md says which is large
+enough) and use differences, not absolute numbers. Checkpointing hides what it saves from the count, so cases with
 `ckpt` are refused.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from bench import autocast, compiled_blocks, memory_budget_scope, parse_train_case
+from modes import autocast, compiled_blocks, memory_budget_scope, parse_train_case
 from mrdit import build_model, get_preset
+from report import print_config, write_json
 
 
 def kept_bytes(model, batch: int, amp: torch.dtype | None, net=None) -> int:
@@ -28,7 +28,7 @@ def kept_bytes(model, batch: int, amp: torch.dtype | None, net=None) -> int:
     c = model.config
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c.channels, c.image_size, c.image_size, generator=g)
-    n = torch.randint(1, 1001, (batch,), generator=g).float()
+    n = torch.randint(1, c.schedule.num_steps + 1, (batch,), generator=g).float()
     y = torch.randint(0, c.num_classes, (batch,), generator=g)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    print("config:", json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}))
+    print_config(args)
     if any(mode.endswith("ckpt") for _, mode, _ in args.cases):
         p.error("checkpointing hides what it keeps from the count: use plain, compile or blocks cases")
     amp = torch.bfloat16 if args.amp == "bf16" else None
@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             mib = kept_bytes(model, args.batch, amp, net) / 2**20
         res["kept_mib"][key] = mib
         print(f"{key:16s} {mib:10.1f} MiB kept at batch {args.batch} (weight casts included)")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=2))
-        print(f"wrote {args.out}")
+    write_json(args.out, res)
     return 0
 
 

@@ -23,21 +23,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from memory import peak_rss_mib, rss_mib
+from mrdit import get_preset
+from report import print_config, write_json
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def peak_mib() -> float:
-    """Peak resident memory of this process so far: VmHWM of /proc/self/status (Linux). Not ru_maxrss,
-    which a process started by a large parent inherits across exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def rss_mib() -> float:
-    """Resident memory now (Linux /proc/self/statm, in pages)."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+PRESET = "dimr-xl-2r"  # the model whose latents, classes and noise schedule the synthetic data stands in for
 
 
 def write_synthetic(folder: Path, n: int, shape: tuple[int, ...], shard_size: int) -> tuple[Path, Path]:
@@ -48,46 +39,46 @@ def write_synthetic(folder: Path, n: int, shape: tuple[int, ...], shard_size: in
 
     shards, single = folder / "shards", folder / "latents.safetensors"
     counts, means, logvars, labels = [], [], [], []
+    classes = get_preset(PRESET).num_classes - 1  # the last label is the null label
     g = torch.Generator().manual_seed(0)
     for k, first in enumerate(tqdm(range(0, n, shard_size), desc=f"writing {n:,}", unit="shard")):
         m = min(shard_size, n - first)
         t = {
             "mean": torch.randn((m, 2, *shape), generator=g),
             "logvar": torch.randn((m, 2, *shape), generator=g) - 3,
-            "labels": torch.randint(0, 1000, (m,), generator=g),
+            "labels": torch.randint(0, classes, (m,), generator=g),
         }
         write_shard(shards, k, t)
         counts.append(m)
         means.append(t["mean"])
         logvars.append(t["logvar"])
         labels.append(t["labels"])
-    classes = [f"class {i}" for i in range(1000)]
-    write_index(shards, {"class_names": classes, "latent_shape": list(shape)}, counts)
+    names = [f"class {i}" for i in range(classes)]
+    write_index(shards, {"class_names": names, "latent_shape": list(shape)}, counts)
     save_file({"mean": torch.cat(means), "logvar": torch.cat(logvars), "labels": torch.cat(labels)}, str(single))
-    single.with_suffix(".json").write_text(json.dumps({"class_names": classes}))
+    single.with_suffix(".json").write_text(json.dumps({"class_names": names}))
     return shards, single
 
 
 def measure(path: str, rank: int, world: int, batch: int, steps: int) -> dict:
     """In this process: open the dataset, draw `steps` batches of `rank`, report memory."""
-    from mrdit import get_preset
     from mrdit.data import LatentDataset
     from mrdit.schedule import NoiseSchedule
     from mrdit.shards import ShardedLatentDataset
     from mrdit.training import StepBatches, TrainConfig
 
     base = rss_mib()
-    data = ShardedLatentDataset(path, 0.18215) if Path(path).is_dir() else LatentDataset(path, 0.18215)
-    batches = StepBatches(
-        data, NoiseSchedule(get_preset("dimr-xl-2r").schedule), 1000, TrainConfig(batch_size=batch), rank, world
-    )
+    c = get_preset(PRESET)
+    scale = c.autoencoder.scale_factor
+    data = ShardedLatentDataset(path, scale) if Path(path).is_dir() else LatentDataset(path, scale)
+    batches = StepBatches(data, NoiseSchedule(c.schedule), c.null_label, TrainConfig(batch_size=batch), rank, world)
     for step in range(steps):
         batches[step]
     return {
         "examples": len(data),
         "rss_after_import_mib": base,
         "rss_end_mib": rss_mib(),
-        "peak_rss_mib": peak_mib(),
+        "peak_rss_mib": peak_rss_mib(),
     }
 
 
@@ -108,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(measure(args.child[0], int(args.child[1]), args.world, args.batch, args.steps)))
         return 0
-    print("config:", json.dumps({k: str(v) for k, v in vars(args).items() if k != "child"}), flush=True)
+    print_config({k: v for k, v in vars(args).items() if k != "child"})
     rows = []
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         for n in args.sizes:
@@ -132,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "rows": rows,
     }
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     return 0
 
 

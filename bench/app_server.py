@@ -1,0 +1,136 @@
+"""The app as a user meets it: `python app.py` started on a free loopback port, requests through
+`gradio_client`, the server process's memory and CPU use. Shared by the app benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def server_env(port: int, model: str | None = None, compile: bool = True) -> dict[str, str]:
+    """The environment `python app.py` reads: where to listen, the default model, the background compile."""
+    env = os.environ | {
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_SERVER_NAME": HOST,
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
+    if model:
+        env["MRDIT_MODEL"] = model
+    if not compile:
+        env["MRDIT_COMPILE"] = "0"
+    return env
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running `python app.py`: where it listens and its process."""
+
+    url: str
+    popen: subprocess.Popen
+
+    @property
+    def process(self) -> psutil.Process:
+        return psutil.Process(self.popen.pid)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+@contextlib.contextmanager
+def served_app(model: str | None = None, compile: bool = True, timeout: float = 120) -> Iterator[Server]:
+    """Run `python app.py` until the block ends. A server that exits or does not listen within
+    `timeout` seconds ends the benchmark with the tail of its log."""
+    port = free_port()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py")], env=server_env(port, model, compile), stdout=log, stderr=log
+        )
+        try:
+            wait_for_port(proc, port, timeout, log)
+            yield Server(f"http://{HOST}:{port}/", proc)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def wait_for_port(proc: subprocess.Popen, port: int, timeout: float, log) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection((HOST, port), timeout=1):
+                return
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    log.seek(0)
+    tail = log.read()[-2000:]
+    state = "exited during start-up" if proc.poll() is not None else f"did not start within {timeout:.0f} s"
+    raise SystemExit(f"error: the app {state}; its log ends:\n{tail}")
+
+
+def generate_inputs(label: str, seed: int, steps: int, images: int, sampler: str, guidance: float = 2.0) -> dict:
+    """Keyword arguments of a /generate or /step_start request."""
+    return {
+        "class_label": label,
+        "seed": seed,
+        "steps": steps,
+        "guidance": guidance,
+        "sampler": sampler,
+        "num_images": images,
+    }
+
+
+def rss_tree_bytes(proc: psutil.Process) -> int:
+    """Resident memory of a process and all its children (0 once it is gone)."""
+    try:
+        return proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+    except psutil.Error:
+        return 0
+
+
+def cpu_tree_seconds(proc: psutil.Process) -> float:
+    """CPU seconds used so far by a process and its live children."""
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def wait_until_idle(proc: psutil.Process, window: float = 2.0, busy: float = 0.1, timeout: float = 600) -> float:
+    """Wait until the server uses less than `busy` of one core over a `window` (after its first
+    request, its background compile is then done); returns the seconds until that quiet window began.
+    Gives up after `timeout` seconds."""
+    t0 = time.perf_counter()
+    used = cpu_tree_seconds(proc)
+    while time.perf_counter() - t0 < timeout:
+        time.sleep(window)
+        now = cpu_tree_seconds(proc)
+        if now - used < busy * window:
+            return time.perf_counter() - t0 - window
+        used = now
+    return time.perf_counter() - t0
