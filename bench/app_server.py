@@ -26,9 +26,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_env(port: int, model: str | None = None, compile: bool = True) -> dict[str, str]:
-    """The environment `python app.py` reads: where to listen, the default model, the background compile."""
-    env = os.environ | {
+def server_env(
+    port: int, model: str | None = None, compile: bool = True, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment `python app.py` reads: where to listen, the default model, the background
+    compile, and `extra` settings (`MRDIT_BATCH=0`, say)."""
+    env = os.environ | (extra or {}) | {
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_SERVER_NAME": HOST,
         "GRADIO_ANALYTICS_ENABLED": "False",
@@ -56,13 +59,15 @@ class Server:
 
 
 @contextlib.contextmanager
-def served_app(model: str | None = None, compile: bool = True, timeout: float = 120) -> Iterator[Server]:
+def served_app(
+    model: str | None = None, compile: bool = True, timeout: float = 120, extra_env: dict[str, str] | None = None
+) -> Iterator[Server]:
     """Run `python app.py` until the block ends. A server that exits or does not listen within
     `timeout` seconds ends the benchmark with the tail of its log."""
     port = free_port()
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py")], env=server_env(port, model, compile), stdout=log, stderr=log
+            [sys.executable, str(ROOT / "app.py")], env=server_env(port, model, compile, extra_env), stdout=log, stderr=log
         )
         try:
             wait_for_port(proc, port, timeout, log)
@@ -134,3 +139,14 @@ def wait_until_idle(proc: psutil.Process, window: float = 2.0, busy: float = 0.1
             return time.perf_counter() - t0 - window
         used = now
     return time.perf_counter() - t0
+
+
+def env_pairs(pairs: list[str]) -> dict[str, str]:
+    """`KEY=VALUE` command-line pairs as a dict; anything else ends the benchmark with a clear error."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"error: expected KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from app_server import generate_inputs, rss_tree_bytes, served_app
+from app_server import env_pairs, generate_inputs, rss_tree_bytes, served_app, wait_until_idle
 from report import print_config, write_json
 
 
@@ -124,6 +124,33 @@ def under_watch(proc: psutil.Process, fn) -> tuple[object, int, int]:
         w.join()
 
 
+def measure_server(args: argparse.Namespace, extra_env: dict[str, str]) -> dict:
+    """One served app under load: warmed by one request, its background compile left to finish, then
+    `args.users` users for `args.seconds`; counts, latencies and memory."""
+    with served_app(args.model, extra_env=extra_env) as server:
+        from gradio_client import Client
+
+        Client(server.url, verbose=False).predict(**generate_inputs("face", 0, 2, 1, "ddim"), api_name="/generate")
+        wait_until_idle(server.process)
+        load = lambda: run_load(server.url, args.users, args.seconds, args.steps, args.images)
+        res, start_mem, peak = under_watch(server.process, load)
+        alive = server.alive()
+    return res | {
+        "env": extra_env,
+        "users": args.users,
+        "seconds": args.seconds,
+        "requests_per_s": res["completed"] / args.seconds,
+        "server_alive": alive,
+        "start_mem_mb": start_mem / 2**20,
+        "peak_mem_mb": peak / 2**20,
+        "mem_growth_mb": (peak - start_mem) / 2**20,
+    }
+
+
+def healthy(res: dict) -> bool:
+    return res["server_alive"] and res["errors"] == 0 and res["isolation_violations"] == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -133,29 +160,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--model", default=None, help="model for the app (default: its own default)")
+    p.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="settings for the measured app")
+    p.add_argument(
+        "--baseline-env",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="first measure the app with these settings (e.g. MRDIT_BATCH=0, one request at a time), "
+        "then with --env, and report the ratios",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if not 1 <= args.users <= 64 or not 1 <= args.seconds <= 600:
         p.error("--users must be in [1, 64] and --seconds in [1, 600]")
     print_config(args)
-    with served_app(args.model) as server:
-        from gradio_client import Client
-
-        Client(server.url, verbose=False).predict(**generate_inputs("face", 0, 2, 1, "ddim"), api_name="/generate")
-        load = lambda: run_load(server.url, args.users, args.seconds, args.steps, args.images)
-        res, start_mem, peak = under_watch(server.process, load)
-        alive = server.alive()
-    res |= {
-        "users": args.users,
-        "seconds": args.seconds,
-        "server_alive": alive,
-        "start_mem_mb": start_mem / 2**20,
-        "peak_mem_mb": peak / 2**20,
-        "mem_growth_mb": (peak - start_mem) / 2**20,
-    }
+    runs = {}
+    if args.baseline_env is not None:
+        runs["baseline"] = measure_server(args, env_pairs(args.baseline_env))
+    runs["measured"] = measure_server(args, env_pairs(args.env))
+    res = runs["measured"] if len(runs) == 1 else runs | {"ratios": ratios(runs["baseline"], runs["measured"])}
     print(json.dumps(res, indent=2))
     write_json(args.out, res, quiet=True)
-    return 0 if alive and res["errors"] == 0 and res["isolation_violations"] == 0 else 1
+    return 0 if all(healthy(r) for r in runs.values()) else 1
+
+
+def ratios(base: dict, new: dict) -> dict:
+    """Measured over baseline: throughput (higher is better) and latency quantiles (lower is better)."""
+    per_s = new["requests_per_s"] / base["requests_per_s"] if base["requests_per_s"] else float("inf")
+    out = {"requests_per_s": per_s}
+    for q in ("p50_s", "p95_s"):
+        if base.get(q) and new.get(q) is not None:
+            out[q] = new[q] / base[q]
+    return out
 
 
 if __name__ == "__main__":
