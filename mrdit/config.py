@@ -150,12 +150,23 @@ class ModelConfig:
     clip_x0: bool | None = None
 
     def __post_init__(self) -> None:
-        # Normalise the JSON-friendly forms (lists, dicts) so configs compare and hash reliably.
+        self._normalise()
+        self._check_fields()
+        if not self.loss_weights:
+            object.__setattr__(self, "loss_weights", default_loss_weights(len(self.branches)))
+        self._check_lists()
+        self._check_branches()
+
+    def _normalise(self) -> None:
+        """The JSON-friendly forms (lists, dicts) as tuples, so configs compare and hash reliably."""
         object.__setattr__(self, "branches", tuple(self.branches))
         object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
         object.__setattr__(self, "class_names", tuple(self.class_names))
         if self.null_label == -1:
             object.__setattr__(self, "null_label", self.num_classes - 1)
+
+    def _check_fields(self) -> None:
+        """The branch list's element types and every scalar field."""
         _require(len(self.branches) >= 1, "branches", "need at least one branch")
         for i, b in enumerate(self.branches):
             _require(isinstance(b, BranchSpec), f"branches[{i}]", f"must be a BranchSpec, got {type(b).__name__}")
@@ -185,8 +196,9 @@ class ModelConfig:
             "architecture",
             f"must be 'dimr' or 'unpatchify', got {self.architecture!r}",
         )
-        if not self.loss_weights:
-            object.__setattr__(self, "loss_weights", default_loss_weights(len(self.branches)))
+
+    def _check_lists(self) -> None:
+        """One loss weight per branch, one name per class."""
         _require(
             len(self.loss_weights) == len(self.branches),
             "loss_weights",
@@ -203,6 +215,9 @@ class ModelConfig:
                 "class_names",
                 f"need {self.num_classes - 1} names (one per class, null excluded), got {len(self.class_names)}",
             )
+
+    def _check_branches(self) -> None:
+        """Every branch covers the image; a DiMR's grids double from a transformer at the coarsest."""
         for i, b in enumerate(self.branches):
             _require(
                 b.grid * b.patch == self.image_size,
@@ -215,23 +230,23 @@ class ModelConfig:
                 "branches",
                 "the unpatchify baseline has exactly one transformer branch",
             )
-        else:
+            return
+        _require(
+            self.branches[0].kind == "transformer",
+            "branches[0].kind",
+            "the coarsest DiMR branch must be a transformer",
+        )
+        for i in range(1, len(self.branches)):
             _require(
-                self.branches[0].kind == "transformer",
-                "branches[0].kind",
-                "the coarsest DiMR branch must be a transformer",
+                self.branches[i].grid == 2 * self.branches[i - 1].grid,
+                f"branches[{i}].grid",
+                f"must be twice the previous branch's grid ({2 * self.branches[i - 1].grid}), got {self.branches[i].grid}",
             )
-            for i in range(1, len(self.branches)):
-                _require(
-                    self.branches[i].grid == 2 * self.branches[i - 1].grid,
-                    f"branches[{i}].grid",
-                    f"must be twice the previous branch's grid ({2 * self.branches[i - 1].grid}), got {self.branches[i].grid}",
-                )
-            _require(
-                self.branches[-1].grid * self.branches[-1].patch == self.image_size,
-                "branches",
-                "the finest branch must cover the image",
-            )
+        _require(
+            self.branches[-1].grid * self.branches[-1].patch == self.image_size,
+            "branches",
+            "the finest branch must cover the image",
+        )
 
     @property
     def latent(self) -> bool:

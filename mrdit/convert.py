@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pixel", action="store_true", help="pixel-space model (no latent autoencoder in the config)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     args = p.parse_args(argv)
+    if args.pixel and args.preset:
+        p.error("--pixel cannot be combined with --preset (the preset says whether the model is pixel-space)")
     try:
         if args.preset:
             config = get_preset(args.preset)

@@ -87,24 +87,3 @@ def grow(source: nn.Module, target: nn.Module) -> list[str]:
             )
         into.copy_(new)
     return [name for name in state if name not in src]
-
-
-def widened_text(source: ModelConfig, target: ModelConfig) -> str:
-    """ "wider MLP in branch 0 (256 -> 512)" / "wider MLPs in branches 0 (256 -> 512), 1 (96 -> 192)", or
-    "" when no copied branch's MLP is wider: how a grown model's card and log say it."""
-    parts = [
-        f"{k} ({s.mlp_width} -> {t.mlp_width})"
-        for k, (s, t) in enumerate(zip(source.branches, target.branches, strict=False))
-        if t.mlp_width != s.mlp_width
-    ]
-    if not parts:
-        return ""
-    many = len(parts) > 1
-    return f"wider MLP{'s' if many else ''} in branch{'es' if many else ''} " + ", ".join(parts)
-
-
-def added_text(added: list[int]) -> str:
-    """ "branches 3, 4 new" / "branch 3 new" / "no new branch": how a grown model's card and log say it."""
-    if not added:
-        return "no new branch"
-    return f"branch{'es' if len(added) > 1 else ''} {', '.join(map(str, added))} new"

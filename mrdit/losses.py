@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .schedule import NoiseSchedule
+
+
+def noised(x0: torch.Tensor, n: torch.Tensor, eps: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """x_n = sqrt(abar_n) x0 + sqrt(1 - abar_n) eps, a sample of q(x_n | x_0) (DDPM, Ho et al. 2020, eq. 4),
+    for integer steps n (B,) in {1..N}; (B, C, S, S)."""
+    B = x0.shape[0]
+    a, s = schedule.discrete_coefficients(n)  # (B,), (B,) float32
+    return a.view(B, 1, 1, 1).to(x0.dtype) * x0 + s.view(B, 1, 1, 1).to(x0.dtype) * eps
 
 
 def multiscale_targets(eps: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
@@ -52,7 +64,6 @@ def diffusion_loss(
         n = torch.randint(1, schedule.N + 1, (B,), device=x0.device, generator=generator)
     if eps is None:
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    a, s = schedule.discrete_coefficients(n)
-    xn = a.view(B, 1, 1, 1).to(x0.dtype) * x0 + s.view(B, 1, 1, 1).to(x0.dtype) * eps  # (B, C, S, S)
+    xn = noised(x0, n, eps, schedule)  # (B, C, S, S)
     preds = model(xn, n.float(), y)  # K x (B, C, g_k, g_k)
     return multiscale_loss(preds, eps, config.loss_weights)

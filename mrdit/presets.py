@@ -70,7 +70,7 @@ def emoji_32(num_classes: int = 13) -> ModelConfig:
 def emoji_64(num_classes: int = 13) -> ModelConfig:
     """Demo: pixel space 3x64x64 in four branches, 8x8 transformer -> 16x16 -> 32x32 -> 64x64 ConvNeXt-like.
 
-    Branches 0-2 are emoji-32's with doubled patches, so `train/grow.py` can start it from emoji-32's
+    Branches 0-2 are emoji-32's with doubled patches, so `train/init_grown.py` can start it from emoji-32's
     weights; its schedule's signal-to-noise ratio is a quarter of emoji-32's, so that those branches,
     which see the image average-pooled by 2 and more, meet the noise levels they were trained on.
     """

@@ -22,6 +22,17 @@ def example_seed(seed: int, step: int, position: int) -> int:
     return int.from_bytes(digest, "little")
 
 
+ORDER_STRIDE = 1_000_003  # how far apart the order seeds of successive run seeds start
+BALANCED_STREAM = 500_000_003  # apart from the epoch permutations' seeds
+
+
+def order_seed(seed: int, index: int, stream: int = 0) -> int:
+    """The seed of one draw of the data order: `index` is the epoch of a permutation (stream 0) or the
+    step of a class-balanced draw (stream `BALANCED_STREAM`). A function of (seed, stream, index) alone,
+    so the data position depends on the step only (exact resume, any world size)."""
+    return seed * ORDER_STRIDE + stream + index
+
+
 def example_generators(seed: int, step: int, positions: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per example at `positions` (indices into the global batch of `step`)."""
     return [torch.Generator().manual_seed(example_seed(seed, step, int(p))) for p in positions]

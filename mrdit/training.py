@@ -20,14 +20,16 @@ import torch
 from torch import nn
 
 from .build import no_decay_parameter_names
-from .checkpoint import CheckpointError, atomic_write, load_model
+from .checkpoint import CheckpointError, atomic_write, load_model, save_model
 from .config import ConfigError, ModelConfig, changed_fields
-from .losses import multiscale_loss
+from .losses import multiscale_loss, noised
 from .presets import get_preset
-from .rng import example_generators, rand_rows, randint_rows, randn_rows
+from .rng import BALANCED_STREAM, example_generators, order_seed, rand_rows, randint_rows, randn_rows
 from .schedule import NoiseSchedule
 
 STATE_PATTERN = re.compile(r"^state-(\d{8})\.pt$")
+EMA_DIR = "ema"  # the run's EMA model as a model directory (safetensors + config.json), written when it stops
+EMA_RECORD = "ema.json"  # beside it: the step, time and training config it belongs to
 
 
 @dataclass(frozen=True)
@@ -177,8 +179,7 @@ def compile_for_training(model: nn.Module, mode: bool | str, memory_budget: floa
     "blocks" (regional compilation of `compile_regions` in place: identical modules share one compiled
     graph, so compiling takes seconds, and it works inside activation checkpointing). `memory_budget` < 1
     lets the compiled backward keep only that fraction of the activations and recompute the rest,
-    cheapest first; on one H100, DiMR-XL/2R at batch 128 with compiled regions and 0.25 trains at 1.9x the
-    eager checkpointed speed in less memory (bench/NOTES.md). The budget is a process-wide compiler setting."""
+    cheapest first (measured speed and memory: docs/training.md). The budget is a process-wide compiler setting."""
     if memory_budget < 1:
         import torch._functorch.config as functorch_config
 
@@ -269,7 +270,7 @@ def batch_indices(step: int, n: int, global_batch: int, seed: int, rank: int = 0
     epochs, offsets = pos // n, pos % n
     out = torch.empty_like(pos)
     for e in epochs.unique().tolist():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(order_seed(seed, e)))
         mask = epochs == e
         out[mask] = perm[offsets[mask]]
     per_rank = global_batch // world
@@ -290,7 +291,7 @@ class ClassBalancedOrder:
     def indices(self, step: int, global_batch: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
         """This rank's dataset indices for `step`. Seeded by (seed, step) alone, so resume is exact at
         any world size, like `batch_indices`."""
-        g = torch.Generator().manual_seed(seed * 1_000_003 + 500_000_003 + step)  # apart from batch_indices' seeds
+        g = torch.Generator().manual_seed(order_seed(seed, step, BALANCED_STREAM))
         c = torch.randint(len(self.counts), (global_batch,), generator=g)
         within = (torch.rand(global_batch, generator=g, dtype=torch.float64) * self.counts[c]).long()
         out = self.by_class[self.starts[c] + within.minimum(self.counts[c] - 1)]
@@ -322,9 +323,7 @@ def noisy_batch(
     eps = randn_rows(tuple(x0.shape[1:]), generators)  # (B, C, H, W)
     drop = rand_rows(generators) < label_dropout  # (B,)
     y = torch.where(drop, torch.full_like(y, null_label), y.cpu())
-    a, s = schedule.discrete_coefficients(n)
-    xn = a.view(B, 1, 1, 1) * x0.cpu() + s.view(B, 1, 1, 1) * eps
-    return xn, n.float(), y, eps
+    return noised(x0.cpu(), n, eps, schedule), n.float(), y, eps
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -439,3 +438,44 @@ def load_latest_state(run_dir: Path) -> dict[str, Any] | None:
         except Exception as e:  # a truncated or corrupt state: say so and try the previous one
             print(f"warning: skipping unreadable training state {path}: {e}")
     return None
+
+
+@dataclass(frozen=True)
+class EmaExport:
+    """What a run folder's `ema` model directory holds: the EMA weights at `step`, after `elapsed_s`
+    seconds of training under `train_config` (a `TrainConfig.to_dict()`)."""
+
+    step: int
+    elapsed_s: float
+    train_config: dict[str, Any]
+
+
+def save_ema(run_dir: Path, model: nn.Module, step: int, elapsed_s: float, cfg: TrainConfig) -> Path:
+    """Write the EMA model to `run_dir/ema` (float32 safetensors, the inference format) and its record."""
+    out = save_model(model, run_dir / EMA_DIR)
+    record = json.dumps(dataclasses.asdict(EmaExport(step, elapsed_s, cfg.to_dict())), indent=2)
+    atomic_write(run_dir / EMA_RECORD, lambda f: f.write(record.encode()))
+    return out
+
+
+def load_ema(run_dir: Path) -> tuple[nn.Module, EmaExport]:
+    """The EMA model of the run's newest training state, read from its safetensors copy `run_dir/ema`
+    (nothing is unpickled), and its record. Errors say what to run when the copy is missing or older
+    than the newest state (a run stopped by SIGKILL writes states but not the copy)."""
+    states = list_states(run_dir)
+    if not states:
+        raise CheckpointError(f"{run_dir} has no training state to export")
+    ema_dir, record_path = run_dir / EMA_DIR, run_dir / EMA_RECORD
+    again = "run the training command again: it resumes from the newest state and writes them when it stops"
+    if not (ema_dir / "config.json").is_file() or not record_path.is_file():
+        raise CheckpointError(f"{run_dir} has no EMA model ({ema_dir} and {record_path}); {again}")
+    try:
+        record = EmaExport(**json.loads(record_path.read_text()))
+    except (TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{record_path}: not an EMA record ({e}); {again}") from None
+    newest = states[-1][0]
+    if record.step != newest:
+        raise CheckpointError(
+            f"{ema_dir} holds step {record.step} but the newest training state is step {newest}; {again}"
+        )
+    return load_model(ema_dir), record

@@ -81,7 +81,7 @@ MUTATIONS = [
     Mutation(
         "EMA update skipped",
         "train/train.py",
-        (("        ema.update(unwrapped, step)\n", "        pass  # no EMA update\n"),),
+        (("        self.ema.update(self.unwrapped, self.step)\n", "        pass  # no EMA update\n"),),
         (f"{TRAINING}::test_the_run_keeps_an_ema_of_the_trained_weights",),
     ),
     Mutation(
@@ -89,8 +89,8 @@ MUTATIONS = [
         "train/train.py",
         (
             (
-                "loader = step_batches(batches, step, cfg.steps,",
-                "loader = step_batches(batches, 0, cfg.steps - step,",
+                "loader = step_batches(batches, t.step, cfg.steps,",
+                "loader = step_batches(batches, 0, cfg.steps - t.step,",
             ),
         ),
         (f"{TRAINING}::test_run_folder_and_kill_resume_is_exact",),

@@ -243,6 +243,15 @@ def test_converter_cli_and_leftovers(tmp_path):
         )
 
 
+def test_converter_refuses_pixel_with_a_preset(tmp_path, capsys):
+    """--pixel only shapes a config read from --official-config; with --preset it would be ignored."""
+    args = [str(tmp_path / "ref.pth"), "--out", str(tmp_path / "out"), "--preset", "tiny", "--pixel"]
+    with pytest.raises(SystemExit) as e:
+        convert_main(args)
+    assert e.value.code == 2 and "--pixel cannot be combined with --preset" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_interrupted_save_leaves_previous_file(tiny_model_dir, tmp_path, monkeypatch):
     d = _copy(tiny_model_dir, tmp_path)
     before = (d / "model.safetensors").read_bytes()

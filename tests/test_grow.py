@@ -1,4 +1,4 @@
-"""Growing a trained DiMR into a model for larger images (mrdit.grow, train/grow.py)."""
+"""Growing a trained DiMR into a model for larger images (mrdit.grow, train/init_grown.py)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from conftest import ROOT
 
 from mrdit import build_model, get_preset, load_model, save_model
+from mrdit.cards import grown_lines, run_info_from_dict, widened_text
 from mrdit.config import ConfigError, ModelConfig
-from mrdit.grow import grow, growth_factor, widened_text
+from mrdit.grow import grow, growth_factor
 
-GROW = [sys.executable, str(ROOT / "train" / "grow.py")]
+GROW = [sys.executable, str(ROOT / "train" / "init_grown.py")]
 TRAIN = [sys.executable, str(ROOT / "train" / "train.py")]
 EXPORT = [sys.executable, str(ROOT / "train" / "export.py")]
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -107,7 +108,7 @@ def test_a_target_that_does_not_extend_the_source_is_refused(change, message):
 
 
 def test_grow_cli_then_train_from_it_and_export(tmp_path, emoji_data):
-    """tiny (16 px) -> a 4-branch 32 px model through train/grow.py, trained one step with init_from and
+    """tiny (16 px) -> a 4-branch 32 px model through train/init_grown.py, trained one step with init_from and
     exported: the card tells the growth and the source's training."""
     src_dir = tmp_path / "src"
     r = subprocess.run(
@@ -162,12 +163,9 @@ def test_grow_cli_then_train_from_it_and_export(tmp_path, emoji_data):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "wider MLPs in branches 0 (" in r.stdout and "no new branch (0 of" in r.stdout
     wide_info = json.loads((tmp_path / "wide" / "run_info.json").read_text())
-    sys.path.insert(0, str(ROOT / "train"))
-    from export import grown_lines
-
-    line = grown_lines(wide_info).splitlines()[0]
+    line = grown_lines(run_info_from_dict(wide_info)).splitlines()[0]
     assert line.endswith(f"its 3 branches copied ({wide_info['widened']}), no new branch")
-    assert "patchify kernels widened 2x" in grown_lines(info)
+    assert "patchify kernels widened 2x" in grown_lines(run_info_from_dict(info))
 
     r = subprocess.run([*GROW, *grow_args], env=ENV, capture_output=True, text=True)  # no silent overwrite
     assert r.returncode == 2 and "--force" in r.stderr
@@ -194,7 +192,7 @@ def test_grow_cli_then_train_from_it_and_export(tmp_path, emoji_data):
     )
     assert r.returncode == 0
     text = (tmp_path / "big" / "README.md").read_text()
-    assert f"Grown from `{src_dir}`" in text and "python train/grow.py" in text
+    assert f"Grown from `{src_dir}`" in text and "python train/init_grown.py" in text
     assert text.index("Steps: 2 at batch 8") < text.index("Steps: 1 at batch 8")
 
     # The evaluator judges models of two sizes only at one size, named explicitly.

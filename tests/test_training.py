@@ -33,6 +33,7 @@ from mrdit.training import (
     load_latest_state,
     lr_at,
     make_optimizer,
+    preset_with_overrides,
     save_state,
 )
 
@@ -68,6 +69,23 @@ def test_prepare_emoji_from_npm_layout(emoji_data):
     assert "CC-BY 4.0" in (emoji_data / "ATTRIBUTION.md").read_text()
 
 
+def test_prepare_emoji_without_npm_or_offline_is_a_clear_error(tmp_path):
+    script = [sys.executable, str(ROOT / "train" / "prepare_emoji.py"), "--out", str(tmp_path / "out")]
+    script += ["--npm-dir", str(tmp_path / "npm")]
+    bare = tmp_path / "bin"  # a PATH without npm
+    bare.mkdir()
+    r = subprocess.run(script, env=ENV | {"PATH": str(bare)}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "npm is not on PATH" in r.stderr and "--no-fetch" in r.stderr
+    assert "Traceback" not in r.stderr
+    npm = bare / "npm"  # an npm that cannot reach the registry
+    npm.write_text("#!/bin/sh\necho 'npm error network request failed' >&2\nexit 1\n")
+    npm.chmod(0o755)
+    r = subprocess.run(script, env=ENV | {"PATH": str(bare)}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "`npm pack emoji-datasource-twitter@16.0.0` failed (exit 1: npm error network request failed)" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_batch_order_is_a_function_of_step():
     a = batch_indices(7, 50, 8, seed=1)
     assert torch.equal(a, batch_indices(7, 50, 8, seed=1))
@@ -75,6 +93,17 @@ def test_batch_order_is_a_function_of_step():
     assert sorted(epoch.tolist()) == list(range(48))  # one epoch visits every index once
     two = torch.cat([batch_indices(3, 48, 8, 0, r, 2) for r in range(2)])
     assert torch.equal(two, batch_indices(3, 48, 8, 0))
+
+
+def test_batch_order_seeds_are_unchanged():
+    """The data order of a seed stays what earlier runs drew, so they resume exactly."""
+    from mrdit.rng import BALANCED_STREAM, order_seed
+
+    assert (
+        order_seed(2, 5) == 2 * 1_000_003 + 5 and order_seed(2, 5, BALANCED_STREAM) == 2 * 1_000_003 + 500_000_003 + 5
+    )
+    want = torch.randperm(48, generator=torch.Generator().manual_seed(2 * 1_000_003 + 1))[:8]
+    assert torch.equal(batch_indices(6, 48, 8, seed=2), want)  # step 6 of 8 per batch: epoch 1, its first 8
 
 
 def test_class_balanced_batches_draw_every_class_equally():
@@ -438,6 +467,24 @@ def test_dry_run_and_help(tmp_path, emoji_data):
     assert r.returncode == 2 and "bogus" in r.stderr
 
 
+def test_dry_run_prints_the_model_with_its_overrides(tmp_path):
+    """--dry-run shows the model that is built: for emoji-32-wide the preset's 256-wide transformer MLP
+    is 512 wide, as `model_overrides` say."""
+    config = ROOT / "train" / "configs" / "emoji-32-wide.json"
+    r = _run(config, tmp_path / "dry", "--dry-run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    printed = r.stdout[r.stdout.index("model (emoji-32 with model_overrides") :]
+    model = json.loads(printed[printed.index("{") :])
+    cfg = TrainConfig.from_dict(json.loads(config.read_text()))
+    assert get_preset("emoji-32").branches[0].mlp_width == 256
+    assert model["branches"][0]["mlp_width"] == 512 and model == json.loads(preset_with_overrides(cfg).to_json())
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(json.loads(config.read_text()) | {"model_overrides": {"mlp": 1}}))
+    r = _run(bad, tmp_path / "dry", "--dry-run")
+    assert r.returncode == 2 and "model_overrides: unknown model config field 'mlp'" in r.stderr
+    assert not (tmp_path / "dry").exists()
+
+
 def test_export_load_sample_and_card(tmp_path, emoji_data):
     cfg = _config(tmp_path, emoji_data, steps=6, save_every=3, sample_every=0, decay_steps=3)
     run = tmp_path / "run"
@@ -450,6 +497,10 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
     for needle in ("CC-BY 4.0", "Apache-2.0", "MIT", "train/train.py", "Steps: 6", recipe, "EMA 0.9"):
         assert needle in card, needle
     assert (out / "samples.png").is_file()
+    # the weights are the EMA of the newest state, read from the run's safetensors copy
+    ema = load_latest_state(run)["ema"]
+    exported = load_file(str(out / "model.safetensors"))
+    assert exported.keys() == ema.keys() and all(torch.equal(exported[k], v.half()) for k, v in ema.items())
     m = load_model(out)
     assert m.config.class_names[0] == "face"
     from mrdit.pipeline import Pipeline
@@ -517,6 +568,18 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
         and f"recipe {ev['classifier_recipe']['judge_recipe']!r}, 2 epochs" in card
     )
     assert (tmp_path / "fig.png").is_file() and "| tiny-emoji |" in r.stdout
+
+    # an EMA copy older than the newest state, or none, is a clear error; the training command writes it
+    record = json.loads((run / "ema.json").read_text())
+    (run / "ema.json").write_text(json.dumps(record | {"step": 3}))
+    r = _export(run, tmp_path / "w", "stale", "--no-samples")
+    assert r.returncode == 1 and "holds step 3 but the newest training state is step 6" in r.stderr
+    shutil.rmtree(run / "ema")
+    r = _export(run, tmp_path / "w", "stale", "--no-samples")
+    assert r.returncode == 1 and "has no EMA model" in r.stderr and "run the training command again" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "w" / "stale").exists()
+    assert _run(cfg, run).returncode == 0  # the finished run, run again: nothing to train, the copy written
+    assert _export(run, tmp_path / "w", "stale", "--no-samples").returncode == 0
 
 
 def test_two_process_ddp_trains_and_exports_once(tmp_path, emoji_data):
@@ -627,8 +690,7 @@ def test_encode_latents_and_train_on_them(tmp_path):
 
 
 def test_frechet_distance_known_values():
-    sys.path.insert(0, str(ROOT / "train"))
-    from evaluate import frechet_distance
+    from mrdit.judge import frechet_distance
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(20000, 4, generator=g)
@@ -640,10 +702,8 @@ def test_frechet_distance_known_values():
 
 
 def test_judge_on_real_images_is_class_balanced():
-    sys.path.insert(0, str(ROOT / "train"))
-    from evaluate import judge_real
-
     from mrdit.data import TensorImageDataset
+    from mrdit.judge import judge_real
 
     images = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
     data = TensorImageDataset(images, torch.tensor([0, 0, 0, 1]), ["a", "b", "c"])
@@ -657,8 +717,8 @@ def test_judge_on_real_images_is_class_balanced():
 
 
 def test_wilson_interval_of_sample_accuracy():
-    sys.path.insert(0, str(ROOT / "train"))
-    from export import accuracy_text, wilson_interval
+    from mrdit.cards import accuracy_text
+    from mrdit.judge import wilson_interval
 
     z2 = 1.96**2
     assert wilson_interval(0.0, 20) == (0.0, pytest.approx(z2 / (20 + z2)))  # closed forms at the ends
@@ -666,13 +726,32 @@ def test_wilson_interval_of_sample_accuracy():
     lo, hi = wilson_interval(0.842, 240)
     assert lo == pytest.approx(0.7905, abs=1e-4) and hi == pytest.approx(0.8827, abs=1e-4)
     assert wilson_interval(0.842, 2400)[1] - wilson_interval(0.842, 2400)[0] < hi - lo  # more samples, narrower
-    ev = {"accuracy": 0.842, "samples_per_class": 20, "per_class_accuracy": {str(c): 0.8 for c in range(12)}}
+    ev = evaluation_record(accuracy=0.842, samples_per_class=20, per_class_accuracy={str(c): 0.8 for c in range(12)})
     assert accuracy_text(ev) == "84.2% (95% interval 79.1-88.3%, 240 samples)"
 
 
+def evaluation_record(**fields):
+    """An evaluation record with plausible numbers, `fields` replaced."""
+    from mrdit.cards import Evaluation
+
+    base = {
+        "accuracy": 0.5,
+        "per_class_accuracy": {"a": 0.5, "b": None},
+        "fd": 3.0,
+        "sec_per_image": 0.1,
+        "samples_per_class": 2,
+        "steps": 2,
+        "guidance": 4.0,
+        "sampler": "dpm++2m-sde",
+        "fd_floor": 1.0,
+        "command": "python train/evaluate.py m",
+        "hardware": "a CPU",
+    }
+    return Evaluation.from_dict(base | fields)
+
+
 def test_card_recipe_names_a_later_phase():
-    sys.path.insert(0, str(ROOT / "train"))
-    from export import recipe_line
+    from mrdit.cards import Recipe, recipe_line
 
     cfg = {
         "lr": 5e-4,
@@ -684,13 +763,13 @@ def test_card_recipe_names_a_later_phase():
         "label_dropout": 0.1,
         "mixed_precision": "no",
     }
-    line = recipe_line(cfg)
+    line = recipe_line(Recipe.from_dict(cfg))
     assert line.startswith("- Recipe: AdamW") and line.endswith("float32\n") and "then constant" in line
     assert "class-balanced" not in line  # configs that predate the field read as unbalanced
-    assert "; class-balanced batches;" in recipe_line(cfg | {"class_balanced": True})
-    later = recipe_line(cfg, "batch 512 for 1,300 steps")
+    assert "; class-balanced batches;" in recipe_line(Recipe.from_dict(cfg | {"class_balanced": True}))
+    later = recipe_line(Recipe.from_dict(cfg), "batch 512 for 1,300 steps")
     assert later == line[:-1] + "; then batch 512 for 1,300 steps\n"
-    assert recipe_line({}, "ignored") == ""
+    assert recipe_line(None, "ignored") == ""
 
 
 def test_config_fields_of_the_wrong_type_are_clear_errors():
@@ -769,12 +848,11 @@ def test_train_with_compiled_blocks_and_a_memory_budget(tmp_path, emoji_data):
 
 
 def test_judge_cache_is_reused_only_for_its_recipe(tmp_path, emoji_data, capsys):
-    sys.path.insert(0, str(ROOT / "train"))
-    from evaluate import classifier, judge_recipe
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from mrdit.data import load_emoji
+    from mrdit.judge import classifier, judge_recipe
 
     data = tmp_path / "emoji"
     shutil.copytree(emoji_data, data)

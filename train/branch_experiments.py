@@ -36,12 +36,10 @@ from tqdm import tqdm
 
 from mrdit.checkpoint import atomic_save_safetensors, atomic_write, load_model
 from mrdit.interventions import BranchGuidance, FreezeCoarse, Intervention, SwapCoarse
+from mrdit.judge import classifier, wilson_interval
 from mrdit.measures import band_names, band_split
 from mrdit.pipeline import DEFAULT_SAMPLER
 from mrdit.sampling import SAMPLERS, noise_for_seeds, sample
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export import wilson_interval  # noqa: E402
 
 
 def band_sq(x: torch.Tensor, grids: list[int]) -> torch.Tensor:
@@ -181,8 +179,6 @@ def run_experiments(args: argparse.Namespace, model: torch.nn.Module) -> tuple[d
 def judge(results: dict, images: dict[str, torch.Tensor], data: Path, classes: int) -> None:
     """Adds the judge's class accuracy (with its 95% interval) per condition, and for the class swap
     the share of hybrids assigned to A's class (the coarse features') and to B's (the label's)."""
-    from evaluate import classifier
-
     clf, val_acc, _ = classifier(data, images["plain"].shape[-1], 30)
     labels = torch.tensor(results["labels"])
     out = {"validation_accuracy": val_acc}

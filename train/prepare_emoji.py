@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -28,6 +29,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+from mrdit.cards import EMOJI_CREDITS
 
 PACKAGES = {
     "twemoji": (
@@ -77,16 +80,36 @@ def classify(category: str, subcategory: str) -> int | None:
     return None
 
 
+class FetchError(RuntimeError):
+    """The npm tarballs cannot be fetched here; the message says how to get them another way."""
+
+
 def fetch(npm_dir: Path) -> None:
     """`npm pack` each package into `npm_dir` unless its tarball is already there."""
+    missing = [(spec, tgz) for spec, tgz, _ in PACKAGES.values() if not (npm_dir / tgz).is_file()]
+    if not missing:
+        return
+    by_hand = (
+        f"or fetch {', '.join(spec for spec, _ in missing)} with `npm pack` on a machine that can, put the "
+        f"tarballs in {npm_dir} and pass --no-fetch"
+    )
+    npm = shutil.which("npm")
+    if npm is None:
+        raise FetchError(f"npm is not on PATH: install Node.js (it brings npm), {by_hand}")
     npm_dir.mkdir(parents=True, exist_ok=True)
-    for spec, tgz, _ in PACKAGES.values():
-        if (npm_dir / tgz).is_file():
-            continue
+    for spec, _ in missing:
         print(f"npm pack {spec}", flush=True)
-        subprocess.run(
-            ["npm", "pack", spec, "--pack-destination", str(npm_dir), "--silent"], check=True, stdout=subprocess.DEVNULL
+        r = subprocess.run(
+            [npm, "pack", spec, "--pack-destination", str(npm_dir), "--silent"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
+        if r.returncode != 0:
+            said = " ".join(r.stderr.strip().splitlines()[-3:]) or "no message"
+            raise FetchError(
+                f"`npm pack {spec}` failed (exit {r.returncode}: {said}); offline? Retry online, {by_hand}"
+            )
 
 
 def read_members(tgz: Path, wanted: set[str]) -> dict[str, bytes]:
@@ -204,14 +227,11 @@ def build(npm_dir: Path, out: Path, sizes: list[int], val_fraction: float, flag_
     return classes
 
 
-ATTRIBUTION = """# Emoji data: sources and licences
+ATTRIBUTION = f"""# Emoji data: sources and licences
 
 This dataset is derived from three emoji sets, fetched from the npm registry:
 
-- **Twemoji** graphics by Twitter, Inc. and other contributors, licensed CC-BY 4.0
-  (https://creativecommons.org/licenses/by/4.0/), via `emoji-datasource-twitter@16.0.0`.
-- **Noto Emoji** by Google, licensed Apache-2.0, via `emoji-datasource-google@16.0.0`.
-- **Fluent Emoji** by Microsoft, licensed MIT, via `@lobehub/fluent-emoji-3d@1.1.0`.
+{EMOJI_CREDITS}
 
 Category names come from `emoji.json` of emoji-datasource (MIT). Images were composited onto white
 and resized; no other changes were made.
@@ -237,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.val_fraction < 1:
         p.error("--val-fraction must be in [0, 1)")
     if not args.no_fetch:
-        fetch(args.npm_dir)
+        try:
+            fetch(args.npm_dir)
+        except FetchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     classes = build(args.npm_dir, args.out, args.sizes, args.val_fraction, args.flag_cap)
     for c in classes["classes"]:
         print(f"{c['id']:3d} {c['emoji']} {c['name']:<20} train {c['train']:4d}  val {c['val']:3d}")

@@ -1,13 +1,13 @@
-"""Grow a trained DiMR into a model for larger images or with wider MLPs, as the start of a training run.
+"""Write the initial weights of a grown model: a trained DiMR grown into a model for larger images or
+with wider MLPs (`mrdit.grow`), as the `init_from` of a training run.
 
-    python train/grow.py weights/mrdit-emoji-32 --config train/configs/emoji-64.json --out runs/emoji-64-grown
+    python train/init_grown.py weights/mrdit-emoji-32 --config train/configs/emoji-64.json --out runs/emoji-64-grown
     python train/train.py --config train/configs/emoji-64.json --run-dir runs/emoji-64
 
 (that training config names `runs/emoji-64-grown` as its `init_from`). `--preset NAME` grows into a
-named preset instead of the model of a training config (its preset and `model_overrides`). The shipped
-64 px model was grown this way from the 32 px weights of git commit 094c078; today's 32 px weights have
-a 512-wide transformer MLP, and a target narrower than its source is refused, so growing them needs a
-target with `mlp_width` >= 512 in branch 0 (`model_overrides`, as in emoji-32-wide.json).
+named preset instead of the model of a training config (its preset and `model_overrides`). A target
+narrower than its source is refused: growing a model whose transformer MLP is 512 wide needs a target
+with `mlp_width` >= 512 in branch 0 (`model_overrides`, as in emoji-32-wide.json).
 
 The source's branches are copied into the target preset's first branches, with each patchify kernel
 widened to the target's larger patch (so a copied branch reads the larger image exactly as the source
@@ -16,7 +16,7 @@ initialisation. A copied branch may have a wider MLP (`mlp_width`): the source's
 copied and the added ones start with zero output weights, so the grown model computes what the source
 did. With the same image size and no added branch, that gives a trained model more capacity:
 
-    python train/grow.py weights/mrdit-emoji-32 --config train/configs/emoji-32-wide.json --out runs/emoji-32-wide-grown
+    python train/init_grown.py weights/mrdit-emoji-32 --config train/configs/emoji-32-wide.json --out runs/emoji-32-wide-grown
 
 The output is a model directory (config.json, model.safetensors) with a
 run_info.json that records the growth and the source's own training, which the exported model's
@@ -34,10 +34,26 @@ from pathlib import Path
 import torch
 
 from mrdit import CheckpointError, ConfigError, build_model, get_preset, load_model, save_model
-from mrdit.checkpoint import atomic_write
-from mrdit.grow import added_text, grow, widened_text
+from mrdit.cards import RUN_INFO_NAME, CardError, GrownModel, added_text, read_run_info, widened_text, write_run_info
+from mrdit.config import ModelConfig
+from mrdit.grow import grow
 from mrdit.presets import PRESETS
 from mrdit.training import TrainConfig, preset_with_overrides
+
+
+def grown_record(source: str, sc: ModelConfig, tc: ModelConfig, argv: list[str]) -> GrownModel:
+    """How the model was grown (the card repeats it), with the source's own record when it has one."""
+    copied = len(sc.branches)
+    source_dir = Path(source)
+    return GrownModel(
+        grown_from=str(source),
+        command="python train/init_grown.py " + shlex.join(argv),
+        copied_branches=copied,
+        added_branches=tuple(range(copied, len(tc.branches))),
+        patch_factor=tc.image_size // sc.image_size,
+        widened=widened_text(sc, tc),
+        source=read_run_info(source_dir) if (source_dir / RUN_INFO_NAME).is_file() else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,27 +84,19 @@ def main(argv: list[str] | None = None) -> int:
         fresh = grow(source, target)
     except (CheckpointError, ConfigError, OSError, json.JSONDecodeError) as e:
         p.error(str(e))
-    copied = len(source.config.branches)
-    added = list(range(copied, len(target.config.branches)))
+    try:
+        record = grown_record(args.source, source.config, target.config, sys.argv[1:] if argv is None else argv)
+    except (CardError, OSError, json.JSONDecodeError) as e:  # the source's own record is unreadable
+        p.error(f"{Path(args.source) / RUN_INFO_NAME}: {e}")
     args.out.mkdir(parents=True, exist_ok=True)
     save_model(target, args.out)
-    source_info = Path(args.source) / "run_info.json"
-    run_info = {
-        "grown_from": str(args.source),
-        "command": "python train/grow.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "copied_branches": copied,
-        "added_branches": added,
-        "patch_factor": target.config.image_size // source.config.image_size,
-        "widened": widened_text(source.config, target.config),
-    }
-    if source_info.is_file():
-        run_info["source"] = json.loads(source_info.read_text())
-    atomic_write(args.out / "run_info.json", lambda f: f.write(json.dumps(run_info, indent=2).encode()))
+    write_run_info(args.out, record)
     n_fresh = sum(target.state_dict()[name].numel() for name in fresh)
     total = sum(p.numel() for p in target.parameters())
-    wider = f", {run_info['widened']}" if run_info["widened"] else ""
+    wider = f", {record.widened}" if record.widened else ""
     print(
-        f"wrote {args.out}: branches 0-{copied - 1} from {args.source}{wider}, {added_text(added)} "
+        f"wrote {args.out}: branches 0-{record.copied_branches - 1} from {args.source}{wider}, "
+        f"{added_text(record.added_branches)} "
         f"({n_fresh:,} of {total:,} parameters fresh)"
     )
     return 0

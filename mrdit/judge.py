@@ -1,0 +1,184 @@
+"""The judge of the emoji models' samples: a small classifier trained on the training split, and the
+numbers made with it (class accuracy with its Wilson interval, Frechet distance of its features).
+
+`train/evaluate.py` scores model directories with it; `train/branch_experiments.py` scores the images
+of its conditions. The trained classifier is cached beside the data, stamped with its recipe, and
+trained again when the recipe or the data change.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import atomic_save_safetensors
+from .data import TensorImageDataset, load_emoji
+
+JUDGE_LR = 2e-3
+# Bumped whenever the classifier's training changes, so that no cache made by another recipe is reused.
+JUDGE_RECIPE = "2: cosine"
+
+
+class EmojiClassifier(nn.Module):
+    """A small CNN; its 64-d penultimate layer is the feature space for the Frechet distance."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+
+        def block(i, o):
+            return nn.Sequential(
+                nn.Conv2d(i, o, 3, padding=1),
+                nn.BatchNorm2d(o),
+                nn.ReLU(),
+                nn.Conv2d(o, o, 3, padding=1),
+                nn.BatchNorm2d(o),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            )
+
+        self.body = nn.Sequential(block(3, 32), block(32, 64), block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.feat = nn.Sequential(nn.Linear(128, 64), nn.ReLU())
+        self.head = nn.Linear(64, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feat(self.body(x))  # (B, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def train_classifier(train: TensorImageDataset, epochs: int, seed: int = 0) -> EmojiClassifier:
+    """AdamW at 2e-3 with a one-epoch warm-up and a cosine decay to zero, so that the judge ends
+    converged rather than wherever a constant rate leaves it (which also made it depend on the run)."""
+    torch.manual_seed(seed)
+    clf = EmojiClassifier(len(train.class_names))
+    opt = torch.optim.AdamW(clf.parameters(), lr=JUDGE_LR, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    n = len(train)
+    per_epoch = math.ceil(n / 64)
+    total, step = epochs * per_epoch, 0
+    for _ in tqdm(range(epochs), desc="classifier", unit="epoch"):
+        clf.train()
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, 64):
+            for group in opt.param_groups:
+                group["lr"] = JUDGE_LR * min(1.0, (step + 1) / per_epoch) * 0.5 * (1 + math.cos(math.pi * step / total))
+            idx = perm[i : i + 64]
+            x, y = train.batch(idx, torch.rand(len(idx), generator=g) < 0.5)
+            # light augmentation so that generated (slightly noisy, shifted) images are judged fairly
+            x = x + 0.05 * torch.randn(x.shape, generator=g)
+            shift = torch.randint(-2, 3, (2,), generator=g).tolist()
+            x = torch.roll(x, shifts=shift, dims=(2, 3))
+            loss = F.cross_entropy(clf(x), y, label_smoothing=0.05)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+    return clf.eval()
+
+
+def per_class_accuracy(pred: torch.Tensor, y: torch.Tensor, class_names: list[str]) -> dict[str, float | None]:
+    """Accuracy within each class (None for a class with no examples)."""
+    return {
+        name: float((pred[y == c] == c).float().mean()) if bool((y == c).any()) else None
+        for c, name in enumerate(class_names)
+    }
+
+
+def judge_recipe(epochs: int, train: TensorImageDataset) -> dict[str, str]:
+    """What a cached classifier was trained with and on (recipe, epochs, the training split's size and
+    classes); a cache made any other way is retrained."""
+    return {
+        "judge_recipe": JUDGE_RECIPE,
+        "epochs": str(epochs),
+        "train_images": str(len(train)),
+        "classes": ",".join(train.class_names),
+    }
+
+
+def classifier(data: Path, size: int, epochs: int) -> tuple[EmojiClassifier, float, dict[str, float | None]]:
+    """The cached classifier for a dataset (trained on first use, or again when the cache was made by
+    another recipe, epoch count or training split), its accuracy on the validation split and that accuracy per class:
+    how well the judge itself recognises real emoji of each class."""
+    train, val = load_emoji(data, "train", size), load_emoji(data, "val", size)
+    path = data / f"classifier-{size}.safetensors"
+    clf = EmojiClassifier(len(train.class_names))
+    recipe = judge_recipe(epochs, train)
+    cached = None
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                cached = f.metadata() or {}
+        except Exception as e:  # a corrupt cache is only a cache: say so and train again
+            print(f"cached classifier {path} is unreadable ({e}); training it again")
+    if cached is not None and {k: cached.get(k) for k in recipe} == recipe:
+        clf.load_state_dict(load_file(str(path)))
+        clf.eval()
+    else:
+        if cached is not None:
+            print(
+                f"cached classifier {path} was trained with {cached or 'an older recipe'}, not {recipe}; training again"
+            )
+        clf = train_classifier(train, epochs)
+        atomic_save_safetensors(clf.state_dict(), path, metadata=recipe)  # never a half-written cache
+    pred, y = predictions(clf, val)
+    return clf, float((pred == y).float().mean()), per_class_accuracy(pred, y, val.class_names)
+
+
+def predictions(clf: EmojiClassifier, data: TensorImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier's predicted class for every real image of a split, and the true classes."""
+    x, y = data.batch(torch.arange(len(data)))
+    with torch.no_grad():
+        return torch.cat([clf(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)]), y
+
+
+def judge_real(clf: EmojiClassifier, data: TensorImageDataset) -> tuple[float, dict[str, float | None]]:
+    """The classifier on real images of a split: the class-balanced mean of its per-class accuracy and
+    those accuracies. On the training split this is the score of a model that reproduced its training
+    images exactly (the samples are class-balanced too): a ceiling the judge puts on the samples' score."""
+    pred, y = predictions(clf, data)
+    per_class = per_class_accuracy(pred, y, data.class_names)
+    present = [a for a in per_class.values() if a is not None]
+    return sum(present) / len(present), per_class
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) (the Frechet distance of FID, Heusel et al.
+    2017, here in the judge's features), with the trace of the root from the
+    eigenvalues of S_a^(1/2) S_b S_a^(1/2) (symmetric, so no general matrix square root is needed)."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sa, sb = torch.cov(a.T), torch.cov(b.T)
+    ea, va = torch.linalg.eigh(sa)
+    root_a = va @ torch.diag(ea.clamp(min=0).sqrt()) @ va.T
+    cross = torch.linalg.eigvalsh(root_a @ sb @ root_a).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + sa.trace() + sb.trace() - 2 * cross)
+
+
+@torch.no_grad()
+def features_of(clf: EmojiClassifier, x: torch.Tensor) -> torch.Tensor:
+    """The classifier's 64-d features of images (B, C, S, S), in chunks: (B, 64)."""
+    return torch.cat([clf.features(x[i : i + 256]) for i in range(0, len(x), 256)])
+
+
+def to_size(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Images (B, C, H, W) at the judge's size: area-averaged down (or bilinear up) when they differ."""
+    if x.shape[-1] == size:
+        return x
+    mode = "area" if x.shape[-1] > size else "bilinear"
+    return F.interpolate(x, size=(size, size), mode=mode)
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval (Wilson 1927) of an accuracy measured on n samples: how far the true rate may be
+    from the measured one by the luck of the seeds (it stays inside [0, 1], unlike p +- 2 SE)."""
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
