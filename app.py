@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mrdit.cards import EMOJI_CREDITS
 from mrdit.checkpoint import REPO_ID, CheckpointError
 from mrdit.classes import read_synonyms
 from mrdit.hubguard import fetch_model
@@ -994,9 +995,10 @@ full of noise, can be more than 1 away). *What each finer
 branch adds*: the share of a branch's addition that lies in the band its coarser neighbour cannot hold
 (1 = only new detail, 0 = it only corrects the coarser layout)."""
 
-FOOTER = """Model: DiMR, Q. Liu et al., *Alleviating Distortion in Image Generation via Multi-Resolution Diffusion
-Models*, NeurIPS 2024 (arXiv:2406.09416). Emoji training data: **Twemoji** by Twitter, Inc. and other
-contributors (CC-BY 4.0), **Noto Emoji** by Google (Apache-2.0), **Fluent Emoji** by Microsoft (MIT)."""
+FOOTER = f"""Model: DiMR, Q. Liu et al., *Alleviating Distortion in Image Generation via Multi-Resolution Diffusion
+Models*, NeurIPS 2024 (arXiv:2406.09416). Emoji training data:
+
+{EMOJI_CREDITS}"""
 
 CARDS = {
     "swap-coarse": (
