@@ -65,6 +65,9 @@ DEFAULT_MODEL = os.environ.get("MRDIT_MODEL", "mrdit-emoji-32")
 # Pixel-space demo models on the CPU are compiled in the background after loading (MRDIT_COMPILE=0: never;
 # never on ZeroGPU, which does not support torch.compile).
 COMPILE = os.environ.get("MRDIT_COMPILE", "1") != "0" and not on_zero_gpu()
+# ... once the model has been idle this long (MRDIT_COMPILE_IDLE=0: at once, sharing the cores with the
+# first requests), so the first request after a start runs at the plain network's full speed.
+COMPILE_IDLE_S = float(os.environ.get("MRDIT_COMPILE_IDLE", "10"))
 # Concurrent Generate requests with one sampling plan share one batched sampler run (MRDIT_BATCH=0: each
 # request runs alone, two at a time); BATCH_IMAGES caps a batch, GENERATE_CONCURRENCY the requests let in.
 BATCH = os.environ.get("MRDIT_BATCH", "1") != "0"
@@ -200,7 +203,7 @@ class ModelCache:
                 raise InputError(f"model {choice!r} could not be loaded: {e}") from None
             pipe.name = choice
             if COMPILE and pipe.config.autoencoder is None:
-                pipe.compile_in_background()
+                pipe.compile_in_background(idle_s=COMPILE_IDLE_S)
             self.items[path] = pipe
             while len(self.items) > self.size:
                 self.items.popitem(last=False)

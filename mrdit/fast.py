@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ class FastForward:
         # Graphs fix every shape, so the compiler may specialise; the CPU path serves any batch.
         self._compiled = torch.compile(model, dynamic=not (cuda_graphs and on_cuda)) if compile else None
         self.calls = {"plain": 0, "compiled": 0, "graph": 0}  # which path served each call
+        self.last_call = time.monotonic()  # when the network last ran (or was created): for `warm_up_when_idle`
         self.warm_thread: threading.Thread | None = None
 
     def warm_up(self, batches: Sequence[int] = (2, 16)) -> bool:
@@ -104,6 +106,24 @@ class FastForward:
         self.warm_thread.start()
         return self.warm_thread
 
+    def warm_up_when_idle(self, idle_s: float, batches: Sequence[int] = (2, 16)) -> threading.Thread:
+        """`warm_up` in a daemon thread once the network has not been called for `idle_s` seconds, so that
+        compiling never shares the cores with the first requests after a start. A request that comes
+        while it compiles still shares them, once."""
+
+        def wait_then_warm() -> None:
+            while (wait := idle_s - (time.monotonic() - self.last_call)) > 0:
+                time.sleep(min(wait, 0.25))
+            self.warm_up(batches)
+
+        self.warm_thread = threading.Thread(target=wait_then_warm, daemon=True, name="mrdit-compile")
+        self.warm_thread.start()
+        return self.warm_thread
+
+    def touch(self) -> None:
+        """Count the network as busy now (for calls that bypass this wrapper, such as interventions)."""
+        self.last_call = time.monotonic()
+
     def _autocast(self, device: torch.device):
         if self.dtype is None:
             return contextlib.nullcontext()
@@ -112,6 +132,7 @@ class FastForward:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        self.last_call = time.monotonic()
         if not (self.cuda_graphs and x.is_cuda):
             use_compiled = self.compile_state == "ready" and x.shape[0] >= 2 and t.numel() == 1
             net = self._compiled if use_compiled else self.model

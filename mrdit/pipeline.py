@@ -178,15 +178,17 @@ class Pipeline:
         synonyms = read_synonyms(syn) if syn.is_file() else None
         return cls(model, decoder, name=str(path_or_repo), compile=compile, previewer=previewer, synonyms=synonyms)
 
-    def compile_in_background(self, batches: Sequence[int] = (2, 16)) -> threading.Thread | None:
+    def compile_in_background(self, batches: Sequence[int] = (2, 16), idle_s: float = 0.0) -> threading.Thread | None:
         """On the CPU: compile the network (`torch.compile`) in a background thread for the batch sizes a
-        sampler uses (2 and 16 cover 2..any). Requests meanwhile run the plain network; afterwards the
-        compiled, faster one (bench/NOTES.md). Returns the thread, or None on a GPU (CUDA graphs serve
-        there; see `compile=True`)."""
+        sampler uses (2 and 16 cover 2..any), once the network has been idle for `idle_s` seconds (0: at
+        once). Requests meanwhile run the plain network; afterwards the compiled, faster one
+        (bench/NOTES.md). Returns the thread, or None on a GPU (CUDA graphs serve there; see `compile=True`)."""
         if self.device.type != "cpu":
             return None
         if not (isinstance(self.net, FastForward) and self.net.compile):
             self.net = FastForward(self.model, None, cuda_graphs=False, compile=True)
+        if idle_s > 0:
+            return self.net.warm_up_when_idle(idle_s, batches)
         return self.net.warm_up_async(batches)
 
     @property
@@ -313,6 +315,8 @@ class Pipeline:
             generators=gens,
             intervention=intervention,
         ):
+            if intervention is not None and isinstance(self.net, FastForward):
+                self.net.touch()  # the plain network ran: not idle
             yield state, (self.preview(state) if previews else None)
 
     def stream_batched(

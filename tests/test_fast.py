@@ -175,3 +175,23 @@ def test_cuda_pipeline_with_compile_captures_the_compiled_network():
     assert pipe.net.compile and pipe.net.compile_state == "ready" and pipe.net.calls["graph"] == 10
     # Both bf16; the fusions round differently and 10 guided steps amplify it: 7.1 levels on an H100.
     assert np.abs(got.astype(int) - want.astype(int)).mean() < 12
+
+
+def test_warm_up_when_idle_waits_until_the_network_has_rested(monkeypatch):
+    """The idle compile starts only after `idle_s` without a call: calls keep pushing it back."""
+    import time
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny")).eval()
+    fast = FastForward(model, dtype=None, cuda_graphs=False, compile=True)
+    started = []
+    monkeypatch.setattr(fast, "warm_up", lambda batches: started.append(time.monotonic()))
+    x, t, y = _inputs(model, 2)
+    thread = fast.warm_up_when_idle(0.6)
+    busy_until = time.monotonic() + 1.2
+    while time.monotonic() < busy_until:  # a request's network calls, every 50 ms
+        fast(x, t, y)
+        time.sleep(0.05)
+    assert not started, "compiled while the network was busy"
+    thread.join(5)
+    assert len(started) == 1 and started[0] - busy_until >= 0.5
