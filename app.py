@@ -67,7 +67,7 @@ DEFAULT_MODEL = os.environ.get("MRDIT_MODEL", "mrdit-emoji-32")
 COMPILE = os.environ.get("MRDIT_COMPILE", "1") != "0" and not on_zero_gpu()
 # ... once the model has been idle this long (MRDIT_COMPILE_IDLE=0: at once, sharing the cores with the
 # first requests), so the first request after a start runs at the plain network's full speed.
-COMPILE_IDLE_S = float(os.environ.get("MRDIT_COMPILE_IDLE", "10"))
+COMPILE_IDLE_S = float(os.environ.get("MRDIT_COMPILE_IDLE", "30"))
 # Concurrent Generate requests with one sampling plan share one batched sampler run (MRDIT_BATCH=0: each
 # request runs alone, two at a time); BATCH_IMAGES caps a batch, GENERATE_CONCURRENCY the requests let in.
 BATCH = os.environ.get("MRDIT_BATCH", "1") != "0"

@@ -21,7 +21,7 @@ import torch
 
 from app_server import ROOT, generate_inputs, served_app, wait_until_idle
 from mrdit.checkpoint import resolve_model_dir
-from mrdit.fast import FastForward
+from mrdit.compiled import FastForward
 from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, Pipeline
 from report import print_config, write_json
 from timing import summarise, time_once

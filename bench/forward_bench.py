@@ -8,8 +8,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from modes import autocast, compiled_blocks
+from mrdit.compiled import FastForward
 from mrdit.config import ModelConfig
-from mrdit.fast import FastForward
 from plan import BenchRun
 from timing import measure, sync
 

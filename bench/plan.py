@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from modes import TrainCase
-from mrdit.fast import FastForward
+from mrdit.compiled import FastForward
 from report import Results
 from timing import matmul_rate
 

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from mrdit.fast import FastForward
+from mrdit.compiled import FastForward
 from mrdit.sampling import noise_for_seeds, sample
 from plan import BenchRun
 from timing import Timing, summarise, time_once

@@ -253,7 +253,7 @@ class ModelConfig:
         return self.autoencoder is not None
 
     @property
-    def clips_x0(self) -> bool:
+    def clamps_estimates(self) -> bool:
         return (not self.latent) if self.clip_x0 is None else bool(self.clip_x0)
 
     @property

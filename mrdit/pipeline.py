@@ -22,8 +22,8 @@ from PIL import Image
 from .batching import Request, RequestBatcher
 from .checkpoint import load_model, resolve_model_dir
 from .classes import ClassIndex, ClassLookupError, read_synonyms
+from .compiled import FastForward
 from .config import ModelConfig
-from .fast import FastForward
 from .interventions import Intervention, check_intervention
 from .preview import VAE_KIND, cached_linear_preview
 from .sampling import SamplerSettings, StepState, iterate, iterate_rows, noise_for_seeds

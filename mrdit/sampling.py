@@ -362,7 +362,7 @@ def _denoiser(
         if opts.guidance_schedule != "constant" and isinstance(intervention, BranchGuidance):
             raise ValueError("guidance_schedule must be 'constant' with BranchGuidance (its weights replace guidance)")
         eps = InterventionDenoiser(model, labels, weight, config.null_label, intervention, opts.guidance != 1.0)
-    return BranchDenoiser(eps, schedule, clip=config.clips_x0)
+    return BranchDenoiser(eps, schedule, clip=config.clamps_estimates)
 
 
 def iterate(
@@ -416,7 +416,7 @@ def iterate_rows(
     rows = [replace(opts, guidance=w) for w in guidance]  # each weight checked as `guidance` is
     weights = [guidance_weight_fn(r.guidance, r.guidance_schedule, r.guidance_power, schedule.N) for r in rows]
     eps = rowwise_guided_denoiser(model, labels, weights, model.config.null_label)
-    yield from _run(BranchDenoiser(eps, schedule, clip=model.config.clips_x0), noise, opts, generators)
+    yield from _run(BranchDenoiser(eps, schedule, clip=model.config.clamps_estimates), noise, opts, generators)
 
 
 def sample(model: torch.nn.Module, noise: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -22,7 +22,7 @@ PARITY = Path(__file__).parent / "data" / "parity"
 
 torch.set_num_threads(1)
 # The app compiles its model in the background on the CPU; app tests run the plain network (one test
-# of the compiled path is in test_fast.py).
+# of the compiled path is in test_compiled.py).
 os.environ.setdefault("MRDIT_COMPILE", "0")
 
 

@@ -13,7 +13,7 @@ import time
 import torch
 
 from mrdit import build_model, get_preset
-from mrdit.fast import FastForward, _Graph
+from mrdit.compiled import FastForward, _Graph
 
 
 class StandInGraph:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mrdit import build_model, get_preset
-from mrdit.fast import FastForward
+from mrdit.compiled import FastForward
 from mrdit.interventions import BranchGuidance, FreezeCoarse, InterventionDenoiser, SwapCoarse, plan_swap
 from mrdit.network import step_to_tau
 from mrdit.pipeline import InputError, Pipeline

@@ -138,7 +138,7 @@ def test_branch_estimate_formula(tiny):
     t = torch.tensor(st.eval_t)
     a, s = float(ns.alpha(t)), float(ns.sigma(t))
     expect = (torch.nn.functional.avg_pool2d(noise, 4) - s * st.eps[0] / 4) / a
-    assert tiny.config.clips_x0  # pixel space: estimates are clamped to the image range
+    assert tiny.config.clamps_estimates  # pixel space: estimates are clamped to the image range
     assert torch.allclose(st.x0[0], expect.clamp(-1, 1), atol=1e-5)
 
 

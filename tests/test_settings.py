@@ -146,7 +146,7 @@ def test_registry_drives_planned_times_and_iterate_alike(tiny, sampler, steps):
     assert states[-1].nfe == steps
     from mrdit.guidance import guided_denoiser
 
-    denoise = BranchDenoiser(guided_denoiser(tiny, labels, lambda n: 2.0, 2), schedule, clip=tiny.config.clips_x0)
+    denoise = BranchDenoiser(guided_denoiser(tiny, labels, lambda n: 2.0, 2), schedule, clip=tiny.config.clamps_estimates)
     _, gens = noise_for_seeds([0, 1], (3, 16, 16))
     extra = {} if spec.eta is None else {"eta": spec.eta}
     direct = list(spec.fn(denoise, noise.float(), spec.grid(schedule, steps), generators=gens, **extra))

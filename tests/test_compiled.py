@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, rel_err
 
 from mrdit import build_model, get_preset, load_model
-from mrdit.fast import FastForward
+from mrdit.compiled import FastForward
 from mrdit.pipeline import Pipeline
 from mrdit.sampling import noise_for_seeds, sample
 

@@ -1,6 +1,6 @@
-"""Fast inference forward for sampling: autocast to a low-precision dtype, replay of one captured
-CUDA graph per input shape on a GPU (of the plain or the `torch.compile`d network), or a compiled
-network on the CPU.
+"""The compiled, graph-captured inference forward for sampling: autocast to a low-precision dtype,
+replay of one captured CUDA graph per input shape on a GPU (of the plain or the `torch.compile`d
+network), or a compiled network on the CPU.
 
 A sampler calls the network hundreds of times with the same shapes. At small batch a GPU then waits
 on Python and kernel launches, not on arithmetic; a captured graph launches the whole forward at once.
