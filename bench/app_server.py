@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import socket
@@ -150,3 +151,32 @@ def env_pairs(pairs: list[str]) -> dict[str, str]:
             raise SystemExit(f"error: expected KEY=VALUE, got {pair!r}")
         out[key] = value
     return out
+
+
+def server_parser(doc: str, baseline_example: str) -> argparse.ArgumentParser:
+    """A served-app benchmark's command line (`doc`: its docstring) with the options they all share:
+    the request, the model, and the two servers' settings."""
+    p = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], epilog=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--model", default=None, help="model for the app (default: its own default)")
+    p.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="settings for the measured app")
+    p.add_argument(
+        "--baseline-env",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help=f"first measure the app with these settings ({baseline_example}), then with --env",
+    )
+    p.add_argument("--out", type=Path)
+    return p
+
+
+def baseline_then_measured(args: argparse.Namespace, measure) -> dict[str, dict]:
+    """`measure(args, env)` for the baseline server (if `--baseline-env`) and then the measured one."""
+    runs = {}
+    if args.baseline_env is not None:
+        runs["baseline"] = measure(args, env_pairs(args.baseline_env))
+    runs["measured"] = measure(args, env_pairs(args.env))
+    return runs

@@ -16,9 +16,8 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from app_server import env_pairs, generate_inputs, served_app, wait_until_idle
+from app_server import baseline_then_measured, generate_inputs, served_app, server_parser, wait_until_idle
 from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
 from report import print_config, write_json
 
@@ -53,25 +52,14 @@ def measure_server(args: argparse.Namespace, extra_env: dict[str, str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = server_parser(__doc__, "e.g. MRDIT_COMPILE_IDLE=0: compile at once, as before")
     p.add_argument("--later", type=float, default=60, help="seconds after the cold request to send it again")
     p.add_argument("--repeats", type=int, default=3, help="later requests (their median is the reference)")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--images", type=int, default=4)
-    p.add_argument("--model", default=None, help="model for the app (default: its own default)")
-    p.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="settings for the measured app")
-    p.add_argument("--baseline-env", nargs="*", metavar="KEY=VALUE", help="first measure a server with these")
-    p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.later < 0:
         p.error("--repeats must be >= 1 and --later >= 0")
     print_config(args)
-    res = {}
-    if args.baseline_env is not None:
-        res["baseline"] = measure_server(args, env_pairs(args.baseline_env))
-    res["measured"] = measure_server(args, env_pairs(args.env))
+    res = baseline_then_measured(args, measure_server)
     for name, r in res.items():
         later = ", ".join(f"{t:.2f}" for t in r["later_s"])
         print(f"{name} {r['env']}: cold {r['cold_s']:.2f} s, later {later} s, ratio {r['ratio']:.2f}")

@@ -17,11 +17,17 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
 
-from app_server import env_pairs, generate_inputs, rss_tree_bytes, served_app, wait_until_idle
+from app_server import (
+    baseline_then_measured,
+    generate_inputs,
+    rss_tree_bytes,
+    served_app,
+    server_parser,
+    wait_until_idle,
+)
 from report import print_config, write_json
 
 
@@ -152,31 +158,14 @@ def healthy(res: dict) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = server_parser(__doc__, "e.g. MRDIT_BATCH=0: one request at a time, as before batching")
     p.add_argument("--users", type=int, default=16, help="concurrent users (at most 64)")
     p.add_argument("--seconds", type=float, default=60, help="duration (at most 600)")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--images", type=int, default=4)
-    p.add_argument("--model", default=None, help="model for the app (default: its own default)")
-    p.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="settings for the measured app")
-    p.add_argument(
-        "--baseline-env",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="first measure the app with these settings (e.g. MRDIT_BATCH=0, one request at a time), "
-        "then with --env, and report the ratios",
-    )
-    p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if not 1 <= args.users <= 64 or not 1 <= args.seconds <= 600:
         p.error("--users must be in [1, 64] and --seconds in [1, 600]")
     print_config(args)
-    runs = {}
-    if args.baseline_env is not None:
-        runs["baseline"] = measure_server(args, env_pairs(args.baseline_env))
-    runs["measured"] = measure_server(args, env_pairs(args.env))
+    runs = baseline_then_measured(args, measure_server)
     res = runs["measured"] if len(runs) == 1 else runs | {"ratios": ratios(runs["baseline"], runs["measured"])}
     print(json.dumps(res, indent=2))
     write_json(args.out, res, quiet=True)

@@ -15,10 +15,10 @@ def _convnext(width: int, blocks: int, grid: int, patch: int) -> BranchSpec:
     return BranchSpec("convnext", width, blocks, grid, patch, mlp_width=2 * width, kernel=7)
 
 
-def dimr_xl_2r() -> ModelConfig:
-    """Released DiMR-XL/2R, ImageNet 256 on SD-VAE latents 4x32x32 (505,046,408 parameters)."""
+def _imagenet_256(*branches: BranchSpec) -> ModelConfig:
+    """The released 2R models' shared setting: ImageNet 256 on SD-VAE latents 4x32x32, 1000 classes + null."""
     return ModelConfig(
-        branches=(_transformer(960, 39, 16, 16, 2), _convnext(480, 21, 32, 1)),
+        branches=branches,
         channels=4,
         image_size=32,
         num_classes=1001,
@@ -26,19 +26,16 @@ def dimr_xl_2r() -> ModelConfig:
         schedule=ScheduleConfig("scaled-linear"),
         autoencoder=AutoencoderConfig(),
     )
+
+
+def dimr_xl_2r() -> ModelConfig:
+    """Released DiMR-XL/2R, ImageNet 256 on SD-VAE latents 4x32x32 (505,046,408 parameters)."""
+    return _imagenet_256(_transformer(960, 39, 16, 16, 2), _convnext(480, 21, 32, 1))
 
 
 def dimr_g_2r() -> ModelConfig:
     """Released DiMR-G/2R, ImageNet 256 on SD-VAE latents 4x32x32 (1,056,352,904 parameters)."""
-    return ModelConfig(
-        branches=(_transformer(1152, 57, 16, 16, 2), _convnext(576, 29, 32, 1)),
-        channels=4,
-        image_size=32,
-        num_classes=1001,
-        loss_weights=(0.25, 1.0),
-        schedule=ScheduleConfig("scaled-linear"),
-        autoencoder=AutoencoderConfig(),
-    )
+    return _imagenet_256(_transformer(1152, 57, 16, 16, 2), _convnext(576, 29, 32, 1))
 
 
 def dimr_xl_3r() -> ModelConfig:

@@ -110,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     print("config:", json.dumps({k: str(v) for k, v in vars(args).items()}))
     try:
         out = export(args.run, args.weights_dir / args.name, getattr(torch, args.dtype), samples=not args.no_samples)
+        print(f"wrote {out}")
+        return 0
     except (CheckpointError, CardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":
