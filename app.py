@@ -34,6 +34,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from mrdit.cards import EMOJI_CREDITS
 from mrdit.checkpoint import REPO_ID, CheckpointError
@@ -72,10 +73,13 @@ COMPILE_IDLE_S = float(os.environ.get("MRDIT_COMPILE_IDLE", "30"))
 # request runs alone, two at a time); BATCH_IMAGES caps a batch, GENERATE_CONCURRENCY the requests let in.
 BATCH = os.environ.get("MRDIT_BATCH", "1") != "0"
 BATCH_IMAGES = 32
+# Per-step previews streamed and kept for replay (MRDIT_PREVIEWS=0: the final step only, to measure what
+# previews cost: bench/stream_overhead.py).
+PREVIEWS = os.environ.get("MRDIT_PREVIEWS", "1") != "0"
 GENERATE_CONCURRENCY = 16 if BATCH else 2
 MAX_IMAGES = 16  # images per request: the app's limit (the library has none)
 DISPLAY = 96  # every panel is shown at this size, nearest-neighbour, so model pixels stay honest
-STREAM_INTERVAL = 0.08  # seconds between streamed frames (the last step is always shown)
+STREAM_INTERVAL = float(os.environ.get("MRDIT_STREAM_INTERVAL", "0.25"))  # s between streamed frames; the last is always shown
 # Per-session trajectory budget: beyond it an evenly spaced subset of steps (first and last included) is kept.
 TRAJECTORY_MB = float(os.environ.get("MRDIT_TRAJECTORY_MB", "48"))
 RELEASED = RELEASES  # menu label -> mrdit.released.Release
@@ -268,6 +272,28 @@ def to_frame(state: StepState, pv: Preview) -> Frame:
     )
 
 
+class StreamedFrames:
+    """A running request's streamed panels as PNG files written at low compression (a few times faster
+    to encode than the default while the image changes every frame; the final panels go out as usual).
+    Each file is removed once the next one is shown (gradio has copied it by then), the last at `close`."""
+
+    def __init__(self) -> None:
+        self.previous: Path | None = None
+
+    def show(self, sheet: np.ndarray) -> str:
+        path = EXPORTS / "frames" / f"{uuid.uuid4().hex}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(sheet).save(path, compress_level=1)
+        self.close()
+        self.previous = path
+        return str(path)
+
+    def close(self) -> None:
+        if self.previous is not None:
+            self.previous.unlink(missing_ok=True)
+            self.previous = None
+
+
 def render(run: Run, frame: Frame) -> np.ndarray:
     return panel_sheet(frame.x_t.float(), [b.float() for b in frame.branches], DISPLAY, run.headers)
 
@@ -426,17 +452,21 @@ def generate(class_label, seed, steps, guidance, sampler, num_images=4, model=DE
     last_emit = 0.0
     state = frame = None
     try:
-        states = pipe.stream_batched(run.settings, max_rows=BATCH_IMAGES) if BATCH else pipe.stream(run.settings)
-        with closing(states):  # closed on Stop: this request's deliveries end, its batch goes on
+        kw = {"previews": PREVIEWS}
+        states = pipe.stream_batched(run.settings, max_rows=BATCH_IMAGES, **kw) if BATCH else pipe.stream(run.settings, **kw)
+        frames = StreamedFrames()
+        with closing(states), closing(frames):  # on Stop: this request's deliveries end, its batch goes on
             for state, pv in states:
                 SAMPLER_STEPS[0] += 1
-                frame = to_frame(state, pv)
+                if pv is None and state.index + 1 < state.total:
+                    continue  # previews off: only the last step is shown and kept
+                frame = to_frame(state, pv or pipe.preview(state))
                 run.traj.add(state.index, frame)
                 now = time.perf_counter()
                 if now - last_emit >= STREAM_INTERVAL or state.index + 1 == state.total:
                     last_emit = now
                     status = status_text(frame, run.traj, now - t0)
-                    yield (render(run, frame), None, status, run, *([gr.update()] * 4))
+                    yield (frames.show(render(run, frame)), None, status, run, *([gr.update()] * 4))
         assert state is not None and frame is not None
         _finish(pipe, run, state.x)
     except Exception as e:

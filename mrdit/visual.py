@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,11 +100,17 @@ def branch_headers(config) -> list[str]:
 
 def with_headers(sheet: np.ndarray, headers: Sequence[str], width: int, pad: int = 4) -> np.ndarray:
     """Column titles above a sheet of equal columns `width` px wide with `pad` px gaps."""
+    head = header_strip(tuple(headers), width, sheet.shape[1], pad)
+    return np.concatenate([head, sheet], axis=0)
+
+
+@functools.lru_cache(maxsize=64)
+def header_strip(headers: tuple[str, ...], width: int, total_width: int, pad: int = 4) -> np.ndarray:
+    """The white strip of column titles drawn by `with_headers` (cached: a streamed run redraws its
+    panels every frame under the same titles)."""
     from PIL import ImageDraw, ImageFont
 
-    head_h = 22
-    canvas = Image.new("RGB", (sheet.shape[1], sheet.shape[0] + head_h), (255, 255, 255))
-    canvas.paste(Image.fromarray(sheet), (0, head_h))
+    canvas = Image.new("RGB", (total_width, 22), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=13 if width >= 110 else 11)
     for c, text in enumerate(headers):
@@ -111,7 +118,9 @@ def with_headers(sheet: np.ndarray, headers: Sequence[str], width: int, pad: int
         while font.getlength(text) > width and len(text) > 4:
             text = text.rstrip("…")[:-1] + "…"
         draw.text((x0 + (width - font.getlength(text)) / 2, 4), text, fill=(30, 30, 30), font=font)
-    return np.asarray(canvas)
+    strip = np.asarray(canvas)
+    strip.flags.writeable = False
+    return strip
 
 
 def panel_sheet(
