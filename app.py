@@ -272,6 +272,31 @@ def to_frame(state: StepState, pv: Preview) -> Frame:
     )
 
 
+class ActiveStreams:
+    """How many Generate requests are streaming: frames are spaced so that all of them together send
+    about two frames per STREAM_INTERVAL (drawing and encoding frames for many users would otherwise
+    take the cores from the sampler they all wait on)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> ActiveStreams:
+        with self.lock:
+            self.count += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self.lock:
+            self.count -= 1
+
+    def interval(self) -> float:
+        return STREAM_INTERVAL * max(1.0, self.count / 2)
+
+
+STREAMS = ActiveStreams()
+
+
 class StreamedFrames:
     """A running request's streamed panels as PNG files written at low compression (a few times faster
     to encode than the default while the image changes every frame; the final panels go out as usual).
@@ -455,7 +480,7 @@ def generate(class_label, seed, steps, guidance, sampler, num_images=4, model=DE
         kw = {"previews": PREVIEWS}
         states = pipe.stream_batched(run.settings, max_rows=BATCH_IMAGES, **kw) if BATCH else pipe.stream(run.settings, **kw)
         frames = StreamedFrames()
-        with closing(states), closing(frames):  # on Stop: this request's deliveries end, its batch goes on
+        with closing(states), closing(frames), STREAMS:  # on Stop: this request's deliveries end, its batch goes on
             for state, pv in states:
                 SAMPLER_STEPS[0] += 1
                 if pv is None and state.index + 1 < state.total:
@@ -463,7 +488,7 @@ def generate(class_label, seed, steps, guidance, sampler, num_images=4, model=DE
                 frame = to_frame(state, pv or pipe.preview(state))
                 run.traj.add(state.index, frame)
                 now = time.perf_counter()
-                if now - last_emit >= STREAM_INTERVAL or state.index + 1 == state.total:
+                if now - last_emit >= STREAMS.interval() or state.index + 1 == state.total:
                     last_emit = now
                     status = status_text(frame, run.traj, now - t0)
                     yield (frames.show(render(run, frame)), None, status, run, *([gr.update()] * 4))

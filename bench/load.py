@@ -37,6 +37,7 @@ class Tally:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.latencies: list[float] = []
+        self.generate_latencies: list[float] = []  # /generate requests only (not step-mode walks)
         self.counts = {"completed": 0, "errors": 0, "queue_full": 0, "isolation_violations": 0, "step_mode_steps": 0}
         self.messages: list[str] = []
 
@@ -47,12 +48,17 @@ class Tally:
                 self.messages.append(msg[:200])
 
     def summary(self) -> dict:
-        lat = sorted(self.latencies)
-        return self.counts | {
-            "p50_s": statistics.median(lat) if lat else None,
-            "p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else None,
+        return self.counts | quantiles("", self.latencies) | quantiles("generate_", self.generate_latencies) | {
             "error_messages": self.messages,
         }
+
+
+def quantiles(prefix: str, latencies: list[float]) -> dict:
+    lat = sorted(latencies)
+    return {
+        f"{prefix}p50_s": statistics.median(lat) if lat else None,
+        f"{prefix}p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else None,
+    }
 
 
 def walk_steps(client, i: int, steps: int, stop_at: float, tally: Tally) -> None:
@@ -87,6 +93,8 @@ def user(url: str, i: int, steps: int, images: int, stop_at: float, tally: Tally
                 client.predict(**generate_inputs("face", i, steps, images, "dpm++2m"), api_name="/generate")
             with tally.lock:
                 tally.latencies.append(time.perf_counter() - t0)
+                if i % 4 != 3:
+                    tally.generate_latencies.append(tally.latencies[-1])
             tally.record("completed")
         except Exception as e:
             text = str(e)
@@ -176,7 +184,7 @@ def ratios(base: dict, new: dict) -> dict:
     """Measured over baseline: throughput (higher is better) and latency quantiles (lower is better)."""
     per_s = new["requests_per_s"] / base["requests_per_s"] if base["requests_per_s"] else float("inf")
     out = {"requests_per_s": per_s}
-    for q in ("p50_s", "p95_s"):
+    for q in ("p50_s", "p95_s", "generate_p50_s", "generate_p95_s"):
         if base.get(q) and new.get(q) is not None:
             out[q] = new[q] / base[q]
     return out
