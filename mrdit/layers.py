@@ -17,6 +17,21 @@ def tdp_gate(tau: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return torch.sigmoid((1 + w) * tau[:, None] + b)  # (B, D)
 
 
+def grad_free() -> bool:
+    """True where no autograd graph is recorded (sampling under no_grad or inference_mode). A forward
+    may then update in place the fresh intermediates it alone holds: fewer full-size allocations, and
+    on a CPU fewer page faults where the allocator returns freed memory to the system."""
+    return not torch.is_grad_enabled()
+
+
+def residual(x: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+    """x + f(x), summed into f(x)'s fresh buffer where that is allowed and gives the same values
+    (no graph recorded, same dtype; addition commutes exactly)."""
+    if grad_free() and fx.dtype == x.dtype and fx.shape == x.shape:
+        return fx.add_(x)
+    return x + fx
+
+
 def broadcast_channels(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """View a per-sample channel vector (B, D) so it broadcasts against channels-last x (B, ..., D)."""
     return v.view(v.shape[0], *([1] * (x.ndim - 2)), v.shape[1])
@@ -37,7 +52,7 @@ class TimeDependentParameter(nn.Module):
 
     def forward(self, tau: torch.Tensor) -> torch.Tensor:
         s = tdp_gate(tau, self.w, self.b)  # (B, D)
-        return s * self.p0 + (1 - s) * self.p1  # (B, D)
+        return torch.lerp(self.p1, self.p0, s)  # (B, D): s p0 + (1 - s) p1
 
 
 class TDRMSNorm(nn.Module):
@@ -49,9 +64,11 @@ class TDRMSNorm(nn.Module):
         self.scale = TimeDependentParameter(dim, 1.0)
 
     def forward(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        rms = x.float().pow(2).mean(-1, keepdim=True).sqrt()  # (B, ..., 1)
-        y = (x.float() / (rms + self.eps)).to(x.dtype)  # (B, ..., D)
-        return y * broadcast_channels(self.scale(tau), x).to(x.dtype)
+        # rms = |x| / sqrt(D): one reduction, and one full-size multiply by its small reciprocal.
+        rms = torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True) * x.shape[-1] ** -0.5  # (B, ..., 1)
+        y = (x.float() * (rms + self.eps).reciprocal()).to(x.dtype)  # (B, ..., D), fresh
+        gamma = broadcast_channels(self.scale(tau), x).to(x.dtype)
+        return y.mul_(gamma) if grad_free() else y * gamma
 
 
 class TDLayerNorm(nn.Module):
@@ -65,10 +82,11 @@ class TDLayerNorm(nn.Module):
         self.bias = TimeDependentParameter(dim, 0.0)
 
     def forward(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.weight(tau), self.bias(tau)  # (B, D) or (1, D)
+        if gamma.shape[0] == 1:  # one time for the batch (sampling): a plain affine layer norm, one kernel
+            return F.layer_norm(x, (self.dim,), gamma[0].to(x.dtype), beta[0].to(x.dtype), self.eps)
         y = F.layer_norm(x, (self.dim,), eps=self.eps)  # (B, ..., D)
-        gamma = broadcast_channels(self.weight(tau), x).to(y.dtype)
-        beta = broadcast_channels(self.bias(tau), x).to(y.dtype)
-        return y * gamma + beta
+        return torch.addcmul(broadcast_channels(beta, x).to(y.dtype), y, broadcast_channels(gamma, x).to(y.dtype))
 
 
 class GEGLU(nn.Module):
@@ -83,7 +101,8 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         n = self.norm(x, tau)  # (B, ..., D)
-        return self.w2(F.gelu(self.w0(n)) * self.w1(n))  # (B, ..., D)
+        h, g = F.gelu(self.w0(n)), self.w1(n)  # (B, ..., H) each, fresh
+        return self.w2(h.mul_(g) if grad_free() else h * g)  # (B, ..., D)
 
 
 def first_query_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -123,8 +142,8 @@ class TransformerBlock(nn.Module):
         self.mlp = GEGLU(dim, hidden)
 
     def forward(self, x: torch.Tensor, tau: torch.Tensor, probe: list[torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(x, tau, probe)  # (B, N, D)
-        return x + self.mlp(x, tau)  # (B, N, D)
+        x = residual(x, self.attn(x, tau, probe))  # (B, N, D)
+        return residual(x, self.mlp(x, tau))  # (B, N, D)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -137,8 +156,8 @@ class ConvNeXtBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         # The permute makes an NCHW view with channels-last strides: the fast depthwise path on CPU.
-        x = x + self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, D)
-        return x + self.mlp(x, tau)  # (B, H, W, D)
+        x = residual(x, self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))  # (B, H, W, D)
+        return residual(x, self.mlp(x, tau))  # (B, H, W, D)
 
 
 def shuffle_up(x: torch.Tensor, dim_out: int) -> torch.Tensor:

@@ -75,8 +75,11 @@ class Branch(nn.Module):
             raise ValueError("probe: only a transformer branch has attention to record")
         g, D = self.spec.grid, self.spec.width
         B = x.shape[0]
-        with torch.autocast(device_type=x.device.type, enabled=False):  # few input channels: float32 is nearly free
-            h = self.patchify(x.float()).permute(0, 2, 3, 1)  # (B, g, g, D)
+        # Few input channels: float32 is nearly free. A channels-last input makes the patchify output
+        # channels-last, so that its (B, g, g, D) view is contiguous and every block after it is too.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float().contiguous(memory_format=torch.channels_last)  # (B, C, S, S), channels-last strides
+            h = self.patchify(x).permute(0, 2, 3, 1)  # (B, g, g, D), contiguous
         h = h + self.pos_embed.weight.view(g, g, D)  # (B, g, g, D), row index i*g + j
         if prev_feats is not None:
             h = h + self.upsample(prev_feats, tau)  # (B, g, g, D) from n+1 x (B, g/2, g/2, D_prev)
