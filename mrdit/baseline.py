@@ -39,6 +39,6 @@ class UnpatchifyTransformer(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         check_inputs(self.config, x, t, y)
         tau = step_to_tau(t.reshape(-1), self.config.schedule.num_steps)
-        h, _ = self.trunk.trunk(x, tau, y, None, keep_feats=False)  # (B, g, g, D)
+        h, _ = self.trunk.run_blocks(x, tau, y, None, keep_feats=False)  # (B, g, g, D)
         patches = self.unpatch(self.norm(h, tau))  # (B, g, g, p*p*C)
         return [unpatchify(patches, self.config.branches[0].patch, self.config.channels)]  # [(B, C, S, S)]

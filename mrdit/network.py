@@ -57,7 +57,7 @@ class Branch(nn.Module):
             return checkpoint(self.blocks[i], x, tau, use_reentrant=False)
         return self.blocks[i](x, tau)
 
-    def trunk(
+    def run_blocks(
         self,
         x: torch.Tensor,
         tau: torch.Tensor,
@@ -141,7 +141,7 @@ class DiMR(nn.Module):
         feats = None
         last = len(self.branches) - 1
         for k, branch in enumerate(self.branches):
-            h, feats = branch.trunk(x, tau, y, feats, keep_feats=k < last)  # (B, g_k, g_k, D_k)
+            h, feats = branch.run_blocks(x, tau, y, feats, keep_feats=k < last)  # (B, g_k, g_k, D_k)
             outs.append(branch.head(h, tau))  # (B, C, g_k, g_k)
             if handoff is not None and k < last:
                 feats = handoff(k, feats)  # n_k+1 x (B, g_k, g_k, D_k)

@@ -38,7 +38,7 @@ def class_token_attention(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y:
     check_inputs(model.config, x, t, y)
     tau = step_to_tau(t.reshape(-1), model.config.schedule.num_steps)
     probe: list[torch.Tensor] = []
-    trunk.trunk(x, tau, y, None, keep_feats=False, probe=probe)  # L x (B, H, 1 + g*g)
+    trunk.run_blocks(x, tau, y, None, keep_feats=False, probe=probe)  # L x (B, H, 1 + g*g)
     g = trunk.spec.grid
     probs = torch.stack(probe, 1)  # (B, L, H, 1 + g*g); key 0 is the class token
     return probs[..., 1:].reshape(*probs.shape[:3], g, g)  # (B, L, H, g, g), keys in row-major grid order

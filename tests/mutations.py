@@ -72,8 +72,8 @@ MUTATIONS = [
         "mrdit/network.py",
         (
             (
-                "h, feats = branch.trunk(x, tau, y, feats, keep_feats=k < last)",
-                "h, feats = branch.trunk(x, tau, y, feats if k < last else None, keep_feats=k < last)",
+                "h, feats = branch.run_blocks(x, tau, y, feats, keep_feats=k < last)",
+                "h, feats = branch.run_blocks(x, tau, y, feats if k < last else None, keep_feats=k < last)",
             ),
         ),
         ("tests/test_parity.py::test_forward_matches_reference",),

@@ -181,8 +181,8 @@ def test_branch_guidance_matches_a_two_stream_reference(model):
     feats_c = feats_u = None
     want = []
     for k, br in enumerate(model.branches):
-        hc, fc = br.trunk(x, tau, y, feats_c, keep_feats=True)
-        hu, fu = br.trunk(x, tau, null, feats_u, keep_feats=True)
+        hc, fc = br.run_blocks(x, tau, y, feats_c, keep_feats=True)
+        hu, fu = br.run_blocks(x, tau, null, feats_u, keep_feats=True)
         ec, eu = br.head(hc, tau), br.head(hu, tau)
         want.append(eu + ws[k] * (ec - eu))
         feats_c = [u + ws[k] * (c - u) for c, u in zip(fc, fu)]
