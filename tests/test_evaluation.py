@@ -12,21 +12,11 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
+from test_cards import _evaluation
 
-from mrdit import get_preset
+from mrdit import get_preset, judge
 from mrdit.cards import CardError, Evaluation, TrainingRun, card, read_evaluation, write_card, write_evaluation
 from mrdit.data import load_emoji
-from mrdit.judge import (
-    JUDGE_EPOCHS,
-    JUDGE_RECIPE,
-    REPORT_FIRST_SEED,
-    REPORT_MIN_PER_CLASS,
-    EmojiClassifier,
-    features_of,
-    near_copies,
-    protocol_problems,
-    wilson_interval,
-)
 
 EVALUATE = [sys.executable, str(ROOT / "train" / "evaluate.py")]
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -34,18 +24,10 @@ SHIPPED = sorted(p for p in (ROOT / "weights").iterdir() if (p / "eval.json").is
 
 
 def _record(**fields) -> Evaluation:
-    """A reportable record with plausible numbers, `fields` replaced."""
-    base = {
-        "accuracy": 0.75,
-        "per_class_accuracy": {"a": 1.0, "b": 0.5},
-        "fd": 3.25,
-        "sec_per_image": 0.0123,
+    """A reportable record: the card tests' plausible numbers, measured by the protocol, `fields` replaced."""
+    protocol = {
         "samples_per_class": 50,
         "first_seed": 10_000,
-        "steps": 25,
-        "guidance": 4.0,
-        "sampler": "dpm++2m-sde",
-        "fd_floor": 1.5,
         "near_copies": 0.02,
         "near_copies_reference": 0.05,
         "near_copy_threshold": 1.0,
@@ -53,36 +35,32 @@ def _record(**fields) -> Evaluation:
         "classifier_val_images": 40,
         "classifier_val_per_class_accuracy": {"a": 0.9, "b": 0.3},
         "classifier_val_per_class_images": {"a": 30, "b": 10},
-        "classifier_train_accuracy": 0.95,
-        "classifier_train_per_class_accuracy": {"a": 1.0, "b": 0.9},
-        "classifier_recipe": {"judge_recipe": JUDGE_RECIPE, "epochs": str(JUDGE_EPOCHS)},
-        "command": "python train/evaluate.py weights/m",
-        "hardware": "x86_64 CPU, 2 threads",
+        "classifier_recipe": {"judge_recipe": judge.JUDGE_RECIPE, "epochs": str(judge.JUDGE_EPOCHS)},
     }
-    return Evaluation.from_dict(base | fields)
+    return _evaluation(**protocol | fields)
 
 
 def test_seed_rule():
-    assert protocol_problems(REPORT_FIRST_SEED, REPORT_MIN_PER_CLASS) == []
-    assert protocol_problems(20_000, 100) == []
-    (problem,) = protocol_problems(0, 50)
+    assert judge.protocol_problems(judge.REPORT_FIRST_SEED, judge.REPORT_MIN_PER_CLASS) == []
+    assert judge.protocol_problems(20_000, 100) == []
+    (problem,) = judge.protocol_problems(0, 50)
     assert "seeds 0-49: seeds below 10,000 are for tuning" in problem
-    assert protocol_problems(9_999, 50) != []  # one tuning seed is enough to refuse
+    assert judge.protocol_problems(9_999, 50) != []  # one tuning seed is enough to refuse
     # tuning stays below the held-out seeds, with any count
-    assert protocol_problems(0, 3, tuning=True) == []
-    assert protocol_problems(9_950, 50, tuning=True) == []
-    (problem,) = protocol_problems(9_951, 50, tuning=True)
+    assert judge.protocol_problems(0, 3, tuning=True) == []
+    assert judge.protocol_problems(9_950, 50, tuning=True) == []
+    (problem,) = judge.protocol_problems(9_951, 50, tuning=True)
     assert "reach the held-out" in problem
-    assert protocol_problems(10_000, 50, tuning=True) != []
+    assert judge.protocol_problems(10_000, 50, tuning=True) != []
 
 
 def test_sample_count_and_judge_rules():
-    (problem,) = protocol_problems(10_000, 49)
+    (problem,) = judge.protocol_problems(10_000, 49)
     assert "49 samples per class: reported numbers use at least 50" in problem
-    (problem,) = protocol_problems(10_000, 50, epochs=2)
+    (problem,) = judge.protocol_problems(10_000, 50, epochs=2)
     assert "trained for 2 epochs" in problem
-    assert len(protocol_problems(0, 20, epochs=2)) == 3
-    assert protocol_problems(0, 20, tuning=True, epochs=2) == []
+    assert len(judge.protocol_problems(0, 20, epochs=2)) == 3
+    assert judge.protocol_problems(0, 20, tuning=True, epochs=2) == []
 
 
 @pytest.mark.parametrize(
@@ -128,37 +106,37 @@ def test_only_reportable_records_are_written(tmp_path):
 def test_memorisation_check_on_features_with_a_known_answer():
     g = torch.Generator().manual_seed(0)
     train, val, fresh = (torch.randn(n, 8, generator=g) for n in (2000, 1000, 4000))
-    copies = near_copies(train[:500], train, val)
+    copies = judge.near_copies(train[:500], train, val)
     assert copies.share == 1.0  # exact copies of training images
     assert 0.049 <= copies.reference <= 0.051 and copies.quantile == 0.05
-    assert near_copies(val, train, val).share == copies.reference  # the validation images themselves
-    novel = near_copies(fresh, train, val).share  # as novel as real unseen images: about 5%
+    assert judge.near_copies(val, train, val).share == copies.reference  # the validation images themselves
+    novel = judge.near_copies(fresh, train, val).share  # as novel as real unseen images: about 5%
     assert 0.035 < novel < 0.065
-    nudged = near_copies(train[:500] + 0.01 * torch.randn(500, 8, generator=g), train, val).share
+    nudged = judge.near_copies(train[:500] + 0.01 * torch.randn(500, 8, generator=g), train, val).share
     assert nudged > 0.99  # a copy with a little noise is still a copy
-    far = near_copies(fresh + 10, train, val).share
+    far = judge.near_copies(fresh + 10, train, val).share
     assert far == 0.0
 
 
 def test_memorisation_check_on_images_through_the_judge():
     torch.manual_seed(0)
-    clf = EmojiClassifier(12).eval()  # any fixed feature map will do: copies are copies in every one
+    clf = judge.EmojiClassifier(12).eval()  # any fixed feature map will do: copies are copies in every one
     train, val = torch.rand(400, 3, 16, 16) * 2 - 1, torch.rand(200, 3, 16, 16) * 2 - 1
-    ft, fv = features_of(clf, train), features_of(clf, val)
-    copied = near_copies(features_of(clf, train[torch.randperm(400)[:120]]), ft, fv)
+    ft, fv = judge.features_of(clf, train), judge.features_of(clf, val)
+    copied = judge.near_copies(judge.features_of(clf, train[torch.randperm(400)[:120]]), ft, fv)
     assert copied.share == 1.0 and copied.threshold > 0
     assert 10 / 200 <= copied.reference <= 11 / 200  # the 5% quantile of 200 distances
-    assert near_copies(features_of(clf, val), ft, fv).share == copied.reference
-    flipped = near_copies(features_of(clf, train.flip(-1)), ft, fv).share  # mirrored noise is no copy
+    assert judge.near_copies(judge.features_of(clf, val), ft, fv).share == copied.reference
+    flipped = judge.near_copies(judge.features_of(clf, train.flip(-1)), ft, fv).share  # mirrored noise is no copy
     assert flipped < 0.2
 
 
 def test_card_names_the_judge_version_interval_count_and_seeds():
     config = get_preset("tiny").replace(num_classes=3, null_label=2, class_names=("a", "b"))
     text = card("m", config, 1, TrainingRun(), _record())
-    lo, hi = wilson_interval(0.75, 100)
+    lo, hi = judge.wilson_interval(0.75, 100)
     for needle in (
-        f"judge version {JUDGE_RECIPE!r}, {JUDGE_EPOCHS} epochs",
+        f"judge version {judge.JUDGE_RECIPE!r}, {judge.JUDGE_EPOCHS} epochs",
         f"| class accuracy of samples | 75.0% (95% interval {lo * 100:.1f}-{hi * 100:.1f}%, 100 samples) |",
         "| the judge's accuracy on real validation emoji (what it can recognise) | 60.0% (95% interval ",
         ", 40 images) |",
@@ -193,12 +171,12 @@ def test_shipped_numbers_follow_the_protocol(model_dir):
     class: changing the judge means measuring the shipped models again in the same change."""
     ev = read_evaluation(model_dir)
     assert ev.protocol_problems() == []
-    assert ev.judge_version == JUDGE_RECIPE
+    assert ev.judge_version == judge.JUDGE_RECIPE
     readme = (ROOT / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith(f"| `weights/{model_dir.name}`"))
-    lo, hi = wilson_interval(ev.accuracy, ev.samples)
+    lo, hi = judge.wilson_interval(ev.accuracy, ev.samples)
     assert f"{ev.accuracy * 100:.1f}% ({lo * 100:.1f}-{hi * 100:.1f}%, n = {ev.samples})" in row
-    assert f"{ev.classifier_val_accuracy * 100:.1f}%" in row and JUDGE_RECIPE in row
+    assert f"{ev.classifier_val_accuracy * 100:.1f}%" in row and judge.JUDGE_RECIPE in row
 
 
 def test_a_tuning_run_writes_nothing_into_the_model(tmp_path, emoji_data):
@@ -210,14 +188,9 @@ def test_a_tuning_run_writes_nothing_into_the_model(tmp_path, emoji_data):
     torch.manual_seed(0)
     model = save_model(build_model(config), tmp_path / "m")
     out = tmp_path / "tuning.json"
-    r = subprocess.run(
-        [*EVALUATE, str(model), "--data", str(emoji_data), "--tuning", "--per-class", "2", "--steps", "1"]
-        + ["--classifier-epochs", "1", "--json", str(out)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    tuning = ["--tuning", "--per-class", "2", "--steps", "1", "--classifier-epochs", "1", "--json", str(out)]
+    cmd = [*EVALUATE, str(model), "--data", str(emoji_data), *tuning]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "TUNING (not for reporting" in r.stdout and "seeds 0-1 of each class (tuning seeds)" in r.stdout
     assert not (model / "eval.json").exists() and not (model / "README.md").exists()
