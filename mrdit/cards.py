@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig, ScheduleConfig
-from .judge import wilson_interval
+from .judge import NEAR_COPY_QUANTILE, REPORT_FIRST_SEED, protocol_problems, wilson_interval
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
 
 RUN_INFO_NAME = "run_info.json"
@@ -130,14 +131,17 @@ def run_info_to_dict(info: RunInfo) -> dict[str, Any]:
 @dataclass(frozen=True, kw_only=True)
 class Evaluation:
     """A model's scores from `train/evaluate.py` (`eval.json`): the judge's accuracy on its samples, the
-    Frechet distance to the validation split, the sampling settings and time, and the judge's own
-    scores on real emoji (the ceiling it puts on the samples')."""
+    Frechet distance to the validation split, the memorisation check, the sampling settings, seeds and
+    time, and the judge's own scores on real emoji (what it can recognise, and the ceiling it puts on the
+    samples'). The rules a reported record follows: docs/evaluation.md."""
 
     accuracy: float
     per_class_accuracy: dict[str, float | None]
     fd: float
     sec_per_image: float
     samples_per_class: int
+    first_seed: int | None = None  # None: seeds 0.. (evaluations that predate the protocol)
+    tuning: bool = False  # measured on tuning seeds: printed, never written into a card
     judge_size: int | None = None  # None: the model's own size (evaluations that predate the field)
     steps: int
     guidance: float
@@ -145,8 +149,13 @@ class Evaluation:
     guidance_schedule: str = "constant"
     guidance_power: float = 1.0
     fd_floor: float
+    near_copies: float | None = None  # the memorisation check (mrdit.judge.near_copies); None before it
+    near_copies_reference: float | None = None
+    near_copy_threshold: float | None = None
     classifier_val_accuracy: float | None = None
+    classifier_val_images: int | None = None
     classifier_val_per_class_accuracy: dict[str, float | None] | None = None
+    classifier_val_per_class_images: dict[str, int] | None = None
     classifier_train_accuracy: float | None = None
     classifier_train_per_class_accuracy: dict[str, float | None] | None = None
     classifier_recipe: dict[str, str] | None = None
@@ -166,6 +175,25 @@ class Evaluation:
     @property
     def samples(self) -> int:
         return self.samples_per_class * len(self.per_class_accuracy)
+
+    @property
+    def judge_version(self) -> str | None:
+        """The judge's recipe version (`mrdit.judge.JUDGE_RECIPE` when it was measured)."""
+        return (self.classifier_recipe or {}).get("judge_recipe")
+
+    def protocol_problems(self) -> list[str]:
+        """Why this record may not be reported (docs/evaluation.md); [] when it may."""
+        if self.tuning:
+            return ["measured on tuning seeds (--tuning)"]
+        epochs = (self.classifier_recipe or {}).get("epochs")
+        problems = protocol_problems(self.first_seed or 0, self.samples_per_class, epochs=int(epochs or 0))
+        if self.judge_version is None:
+            problems.append("the judge's version is not recorded")
+        if self.classifier_val_accuracy is None or self.classifier_val_images is None:
+            problems.append("the judge's accuracy on real validation emoji is not recorded")
+        if self.near_copies is None:
+            problems.append("the memorisation check is missing")
+        return problems
 
 
 def read_run_info(model_dir: Path) -> RunInfo:
@@ -187,6 +215,10 @@ def read_evaluation(model_dir: Path) -> Evaluation | None:
 
 
 def write_evaluation(model_dir: Path, evaluation: Evaluation) -> None:
+    """Write `eval.json`: only a record that follows the protocol, since the card reports it."""
+    problems = evaluation.protocol_problems()
+    if problems:
+        raise CardError(f"{model_dir}: not a reportable evaluation: {'; '.join(problems)}")
     (Path(model_dir) / EVAL_NAME).write_text(json.dumps(evaluation.to_dict(), indent=2))
 
 
@@ -195,11 +227,45 @@ def percent(a: float | None) -> str:
     return "-" if a is None else f"{a * 100:.0f}%"
 
 
+def interval_text(share: float, n: int, unit: str = "samples") -> str:
+    """ "75.0% (95% interval 69.2-80.1%, 240 samples)": a share measured on n things, with its Wilson interval."""
+    lo, hi = wilson_interval(share, n)
+    return f"{share * 100:.1f}% (95% interval {lo * 100:.1f}-{hi * 100:.1f}%, {n:,} {unit})"
+
+
 def accuracy_text(evaluation: Evaluation) -> str:
     """ "75.0% (95% interval 69.2-80.1%, 240 samples)" for an evaluation's sample accuracy."""
-    n = evaluation.samples
-    lo, hi = wilson_interval(evaluation.accuracy, n)
-    return f"{evaluation.accuracy * 100:.1f}% (95% interval {lo * 100:.1f}-{hi * 100:.1f}%, {n} samples)"
+    return interval_text(evaluation.accuracy, evaluation.samples)
+
+
+def judge_accuracy_text(evaluation: Evaluation) -> str:
+    """The judge's accuracy on real validation emoji with its interval, printed beside every sample accuracy;
+    "not recorded" for evaluations that predate the field."""
+    acc, n = evaluation.classifier_val_accuracy, evaluation.classifier_val_images
+    if acc is None:
+        return "not recorded"
+    return interval_text(acc, n, "images") if n else f"{acc * 100:.1f}%"
+
+
+def seeds_text(evaluation: Evaluation) -> str:
+    """ "seeds 10,000-10,049 of each class (held out: ...)", or why the seeds are not the protocol's."""
+    first = evaluation.first_seed or 0
+    text = f"seeds {first:,}-{first + evaluation.samples_per_class - 1:,} of each class"
+    if evaluation.first_seed is None:
+        return text + " (measured before the protocol of docs/evaluation.md)"
+    if evaluation.tuning or first < REPORT_FIRST_SEED:
+        return text + " (tuning seeds)"
+    return text + f" (held out: seeds below {REPORT_FIRST_SEED:,} are for tuning)"
+
+
+def near_copies_text(evaluation: Evaluation) -> str:
+    """The memorisation check's share of samples with its interval, beside the validation images' own."""
+    if evaluation.near_copies is None:
+        return "not measured"
+    reference = evaluation.near_copies_reference
+    return interval_text(evaluation.near_copies, evaluation.samples) + (
+        f"; real validation emoji: {reference * 100:.1f}%" if reference is not None else ""
+    )
 
 
 def schedule_text(schedule: ScheduleConfig) -> str:
@@ -315,56 +381,86 @@ def grown_lines(info: GrownModel) -> str:
 
 
 def quality_table(ev: Evaluation) -> str:
-    """The measured numbers, one row each, and the seeds they were measured at."""
-    ceiling = ""
+    """The measured numbers, one row each, with the judge that measured them and the seeds."""
+    rows = [
+        ("class accuracy of samples", accuracy_text(ev)),
+        ("the judge's accuracy on real validation emoji (what it can recognise)", judge_accuracy_text(ev)),
+    ]
     if ev.classifier_train_accuracy is not None:
-        ceiling = (
-            "| the classifier's accuracy on the real training images, class-balanced (what a model that "
-            f"reproduced them exactly would score) | {ev.classifier_train_accuracy * 100:.1f}% |\n"
+        rows.append(
+            (
+                "the judge's accuracy on the real training images, class-balanced (what a model that "
+                "reproduced them exactly would score)",
+                f"{ev.classifier_train_accuracy * 100:.1f}%",
+            )
         )
+    rows += [
+        ("Frechet distance to the validation split (judge features)", f"{ev.fd:.2f}"),
+        ("the same distance, train split vs validation split (floor)", f"{ev.fd_floor:.2f}"),
+        (
+            "near-copies: samples at least as close to a training image (judge features) as the closest "
+            f"{NEAR_COPY_QUANTILE:.0%} of real validation emoji are",
+            near_copies_text(ev),
+        ),
+        (
+            f"sampling time per image ({ev.sampler}, {ev.steps} steps, guidance {guidance_text(ev)})",
+            f"{ev.sec_per_image * 1000:.0f} ms",
+        ),
+    ]
+    version = repr(ev.judge_version) if ev.judge_version else "not recorded"
+    epochs = (ev.classifier_recipe or {}).get("epochs")
+    judge = f"judge version {version}" + (f", {epochs} epochs" if epochs else "")
     return (
-        f"Measured with `{ev.command}` on {ev.hardware}:\n\n"
-        f"| metric | value |\n|---|---|\n"
-        f"| class accuracy of samples (classifier trained on the train split) | {accuracy_text(ev)} |\n"
-        f"| Frechet distance to the validation split (classifier features) | {ev.fd:.2f} |\n"
-        f"| the same distance, train split vs validation split (floor) | {ev.fd_floor:.2f} |\n"
-        + ceiling
-        + f"| sampling time per image ({ev.sampler}, {ev.steps} steps, guidance {guidance_text(ev)}) | {ev.sec_per_image * 1000:.0f} ms |\n"
-        f"\n{ev.samples_per_class} samples per class, seeds 0..{ev.samples_per_class - 1}."
+        f"Measured with `{ev.command}` on {ev.hardware}; {judge} (`mrdit/judge.py`, protocol: "
+        "[docs/evaluation.md](../../docs/evaluation.md)):\n\n"
+        "| metric | value |\n|---|---|\n"
+        + "".join(f"| {name} | {value} |\n" for name, value in rows)
+        + f"\n{ev.samples_per_class} samples per class, {seeds_text(ev)}."
     )
 
 
 def judge_notes(ev: Evaluation, image_size: int) -> str:
-    """Which judge scored the samples, and at what size: numbers of other judges do not compare."""
-    text = ""
-    recipe = ev.classifier_recipe
-    if recipe:
-        text += f" The classifier: recipe {recipe['judge_recipe']!r}, {recipe['epochs']} epochs (`train/evaluate.py`)."
+    """At what size the samples were judged: numbers of other judges or sizes do not compare."""
     judge = ev.judge_size or image_size
-    if judge != image_size:
-        text += (
-            f" The samples were judged at {judge} px (area-averaged from {image_size} px), by the classifier "
-            f"and against the validation split at {judge} px, so the numbers compare with the {judge} px models'."
-        )
-    return text
+    if judge == image_size:
+        return ""
+    return (
+        f" The samples were judged at {judge} px (area-averaged from {image_size} px), by the judge "
+        f"and against the validation split at {judge} px, so the numbers compare with the {judge} px models'."
+    )
 
 
 def per_class_section(ev: Evaluation) -> str:
-    """Per class, the samples' accuracy next to the judge's own on real emoji: the ceiling it puts on them."""
+    """Per class, the samples' accuracy (with its interval) next to the judge's own on real emoji: the
+    ceiling it puts on them."""
     real = ev.classifier_val_per_class_accuracy
     if not real:
         return ""
-    columns = {"samples": ev.per_class_accuracy}
+
+    def sampled(a: float | None) -> str:
+        if a is None:
+            return "-"
+        lo, hi = wilson_interval(a, ev.samples_per_class)
+        return f"{percent(a)} ({lo * 100:.0f}-{hi * 100:.0f}%)"
+
+    counts = ev.classifier_val_per_class_images or {}
+    columns = {
+        f"samples ({ev.samples_per_class} each, 95% interval)": {
+            c: sampled(a) for c, a in ev.per_class_accuracy.items()
+        }
+    }
     overall = []
     if ev.classifier_train_per_class_accuracy is not None and ev.classifier_train_accuracy is not None:
-        columns["real training emoji"] = ev.classifier_train_per_class_accuracy
+        columns["real training emoji"] = {c: percent(a) for c, a in ev.classifier_train_per_class_accuracy.items()}
         overall.append(f"real training emoji (class-balanced {ev.classifier_train_accuracy * 100:.1f}%)")
-    columns["real validation emoji"] = real
+    columns["real validation emoji"] = {
+        c: percent(a) + (f" of {counts[c]}" if c in counts else "") for c, a in real.items()
+    }
     val = ev.classifier_val_accuracy
     overall.append("real validation emoji" + (f" (overall {val * 100:.1f}%)" if val is not None else ""))
-    rows = "\n".join(f"| {c} | " + " | ".join(percent(col[c]) for col in columns.values()) + " |" for c in real)
+    rows = "\n".join(f"| {c} | " + " | ".join(col[c] for col in columns.values()) + " |" for c in real)
     return (
-        f"\n\nPer class, the samples' accuracy next to the classifier's own accuracy on {' and on '.join(overall)}:\n\n"
+        f"\n\nPer class, the samples' accuracy next to the judge's own accuracy on {' and on '.join(overall)}:\n\n"
         f"| class | {' | '.join(columns)} |\n" + "|---" * (len(columns) + 1) + f"|\n{rows}"
     )
 
@@ -460,6 +556,21 @@ def render_card(model_dir: Path) -> str:
     return card(model_dir.name, mc, n_params, read_run_info(model_dir), read_evaluation(model_dir))
 
 
+GENERATED_SECTIONS = ("Quality", "Training", "Data, licences and attribution", "Use")
+
+
+def hand_written_sections(text: str) -> str:
+    """The `## ` sections of a card that `card` does not write (a note added by hand), in order."""
+    parts = re.split(r"(?m)^(?=## )", text)[1:]
+    return "".join(part for part in parts if part.split("\n", 1)[0][3:] not in GENERATED_SECTIONS)
+
+
 def write_card(model_dir: Path) -> None:
-    """(Re)write the directory's README.md (`render_card`)."""
-    (Path(model_dir) / CARD_NAME).write_text(render_card(model_dir))
+    """(Re)write the directory's README.md (`render_card`), keeping the sections added to it by hand
+    (before the attribution)."""
+    path = Path(model_dir) / CARD_NAME
+    text = render_card(model_dir)
+    kept = hand_written_sections(path.read_text()) if path.is_file() else ""
+    if kept:
+        text = text.replace("## Data, licences and attribution", kept + "## Data, licences and attribution", 1)
+    path.write_text(text)

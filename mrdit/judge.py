@@ -3,12 +3,14 @@ numbers made with it (class accuracy with its Wilson interval, Frechet distance 
 
 `train/evaluate.py` scores model directories with it; `train/branch_experiments.py` scores the images
 of its conditions. The trained classifier is cached beside the data, stamped with its recipe, and
-trained again when the recipe or the data change.
+trained again when the recipe or the data change. The rules a reported number follows (the judge's
+version, held-out seeds, sample counts, the memorisation check) are in docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,8 +24,16 @@ from .checkpoint import atomic_save_safetensors
 from .data import TensorImageDataset, load_emoji
 
 JUDGE_LR = 2e-3
-# Bumped whenever the classifier's training changes, so that no cache made by another recipe is reused.
+# The judge's version. Any change to the classifier's training is a new version, and every reported number
+# is measured again with it in the same change (docs/evaluation.md); a cache made by another version is
+# never reused.
 JUDGE_RECIPE = "2: cosine"
+JUDGE_EPOCHS = 30  # part of the frozen recipe: a judge trained for other epochs measures for tuning only
+# Seeds below REPORT_FIRST_SEED are for tuning and selection; reported numbers use seeds from it on, with
+# at least REPORT_MIN_PER_CLASS samples per class (docs/evaluation.md).
+REPORT_FIRST_SEED = 10_000
+REPORT_MIN_PER_CLASS = 50
+NEAR_COPY_QUANTILE = 0.05  # the memorisation check's threshold, as a quantile of real validation images' distances
 
 
 class EmojiClassifier(nn.Module):
@@ -182,3 +192,63 @@ def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, fl
     centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def protocol_problems(first_seed: int, per_class: int, tuning: bool = False, epochs: int = JUDGE_EPOCHS) -> list[str]:
+    """Why samples at seeds first_seed..first_seed+per_class-1 (of each class), judged by a judge trained
+    for `epochs`, break the protocol (docs/evaluation.md): reported numbers use the frozen judge, held-out
+    seeds (from REPORT_FIRST_SEED) and at least REPORT_MIN_PER_CLASS samples per class; tuning uses only
+    the seeds below REPORT_FIRST_SEED."""
+    last = first_seed + per_class - 1
+    if tuning:
+        if last >= REPORT_FIRST_SEED:
+            return [
+                f"tuning uses seeds below {REPORT_FIRST_SEED:,} only (seeds {first_seed:,}-{last:,} reach the "
+                "held-out ones)"
+            ]
+        return []
+    problems = []
+    if first_seed < REPORT_FIRST_SEED:
+        problems.append(
+            f"seeds {first_seed:,}-{last:,}: seeds below {REPORT_FIRST_SEED:,} are for tuning and selection, "
+            f"reported numbers use seeds from {REPORT_FIRST_SEED:,}"
+        )
+    if per_class < REPORT_MIN_PER_CLASS:
+        problems.append(f"{per_class} samples per class: reported numbers use at least {REPORT_MIN_PER_CLASS}")
+    if epochs != JUDGE_EPOCHS:
+        problems.append(f"a judge trained for {epochs} epochs: the reported judge trains for {JUDGE_EPOCHS}")
+    return problems
+
+
+def nearest_distances(queries: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """For each query feature (Q, D), the L2 distance to its nearest reference feature (R, D): (Q,)."""
+    q, r = queries.double(), references.double()
+    exact = "donot_use_mm_for_euclid_dist"  # exact zeros for copies, and the same distance in any chunk
+    return torch.cat([torch.cdist(q[i : i + 512], r, compute_mode=exact).min(1).values for i in range(0, len(q), 512)])
+
+
+@dataclass(frozen=True)
+class NearCopies:
+    """The memorisation check: the share of samples at least as close to some training image (L2, judge
+    features) as the closest `quantile` of real validation images are to theirs, next to the validation
+    images' own share under that threshold (the reference, `quantile` up to ties)."""
+
+    share: float
+    reference: float
+    threshold: float
+    quantile: float = NEAR_COPY_QUANTILE
+
+
+def near_copies(
+    sample_features: torch.Tensor,
+    train_features: torch.Tensor,
+    val_features: torch.Tensor,
+    quantile: float = NEAR_COPY_QUANTILE,
+) -> NearCopies:
+    """The memorisation check (docs/evaluation.md) on features (N, D): a model that copied its training
+    images scores about 1, one whose samples are as novel as unseen real emoji about `quantile`."""
+    val = nearest_distances(val_features, train_features)
+    threshold = float(torch.quantile(val, quantile))
+    share = (nearest_distances(sample_features, train_features) <= threshold).double().mean()
+    reference = (val <= threshold).double().mean()
+    return NearCopies(float(share), float(reference), threshold, quantile)

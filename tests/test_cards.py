@@ -86,12 +86,12 @@ def test_card_from_records_of_a_fine_tune_of_a_grown_model():
         "1,234 parameters",
         "Classes (2, plus the null label 2 for guidance): a, b.",
         f"`{DEFAULT_SAMPLER}`, 25 steps, guidance 4.0.",
-        "| class accuracy of samples (classifier trained on the train split) | 75.0% (95% interval ",
+        "| class accuracy of samples | 75.0% (95% interval ",
         ", 8 samples) |",
-        "| Frechet distance to the validation split (classifier features) | 3.25 |",
+        "| Frechet distance to the validation split (judge features) | 3.25 |",
         "| sampling time per image (dpm++2m-sde, 25 steps, guidance 4.0) | 12 ms |",
-        "The classifier: recipe '2: cosine', 30 epochs",
-        "| a | 100% | 100% | 90% |\n| b | 50% | 90% | - |",
+        "judge version '2: cosine', 30 epochs",
+        "| a | 100% (51-100%) | 100% | 90% |\n| b | 50% (15-85%) | 90% | - |",
         "- Started from `runs/grown`, made as follows:\n  - Grown from `weights/small` with "
         "`python train/init_grown.py weights/small --config big.json --out runs/grown`: its 3 branches copied "
         "(patchify kernels widened 2x; wider MLP in branch 0 (64 -> 128)), branch 3 new\n"

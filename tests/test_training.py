@@ -516,11 +516,7 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
             str(out),
             "--data",
             str(emoji_data),
-            "--per-class",
-            "2",
             "--steps",
-            "2",
-            "--classifier-epochs",
             "2",
             "--figure",
             str(tmp_path / "fig.png"),
@@ -539,7 +535,10 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
     assert 0 <= ev["accuracy"] <= 1 and ev["fd"] >= 0 and ev["fd_floor"] >= 0 and ev["sec_per_image"] > 0
     card = (out / "README.md").read_text()
     assert "class accuracy of samples" in card and "real validation emoji" in card
-    assert f"{ev['accuracy'] * 100:.1f}% (95% interval " in card and f", {2 * 12} samples)" in card
+    # the protocol's defaults: 50 per class at held-out seeds, the frozen judge, named in the card
+    assert f"{ev['accuracy'] * 100:.1f}% (95% interval " in card and f", {50 * 12} samples)" in card
+    assert ev["first_seed"] == 10_000 and "seeds 10,000-10,049 of each class (held out" in card
+    assert 0 <= ev["near_copies"] <= 1 and "near-copies" in card and "near-copies" in r.stdout
     assert ev["guidance_schedule"] == "power-cosine" and "guidance power-cosine to 4.0 (p 2.0)" in card
     for args, msg in [
         (["--guidance-power", "-1"], "guidance_power must be a finite number >= 0"),
@@ -561,11 +560,11 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
     assert set(seen) == set(ev["per_class_accuracy"])
     present = [a for a in seen.values() if a is not None]  # classes with training images
     assert ev["classifier_train_accuracy"] == pytest.approx(sum(present) / len(present))
-    assert "| class | samples | real training emoji | real validation emoji |" in card
+    assert "| class | samples (50 each, 95% interval) | real training emoji | real validation emoji |" in card
     assert "reproduced them exactly would score" in card and "reproduced them exactly would score" in r.stdout
     assert (
-        ev["classifier_recipe"]["epochs"] == "2"
-        and f"recipe {ev['classifier_recipe']['judge_recipe']!r}, 2 epochs" in card
+        ev["classifier_recipe"]["epochs"] == "30"
+        and f"judge version {ev['classifier_recipe']['judge_recipe']!r}, 30 epochs" in card
     )
     assert (tmp_path / "fig.png").is_file() and "| tiny-emoji |" in r.stdout
 

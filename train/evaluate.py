@@ -1,22 +1,29 @@
-"""Measure a model's sample quality on the emoji set, honestly and cheaply.
+"""Measure a model's sample quality on the emoji set, by the protocol of docs/evaluation.md.
 
     python train/evaluate.py weights/mrdit-emoji-32 weights/baseline-emoji-32
 
-A small classifier is trained once on the training split (cached beside the data, and trained again
-when its recipe or the data change). For each model
-directory, N samples per class are generated at fixed seeds and settings; the script reports
-(a) the classifier's accuracy on the samples, (b) the Frechet distance between classifier features
-of the samples and of the validation split, next to the same distance between the training and
-validation splits (the floor), and (c) sampling time per image on this machine. It also scores the
-real training images, class-balanced as the samples are: what a model that reproduced them exactly
-would get, the ceiling this judge puts on (a). Results go to `eval.json` in each model directory and
-into its model card.
+A small classifier, the judge, is trained once on the training split (cached beside the data, and
+trained again when its recipe version or the data change). For each model directory, N samples per
+class are generated at the default settings and at held-out seeds (from 10,000; seeds below it are for
+tuning), and the script reports (a) the judge's accuracy on the samples with its 95% interval and
+sample count, beside the judge's own accuracy on the real validation split, overall and per class,
+(b) the Frechet distance between judge features of the samples and of the validation split, next to
+the same distance between the training and validation splits (the floor), (c) the memorisation check:
+the share of samples at least as close to a training image as the closest 5% of real validation
+images are, and (d) sampling time per image on this machine. It also scores the real training images,
+class-balanced as the samples are: what a model that reproduced them exactly would get, the ceiling
+this judge puts on (a). Results go to `eval.json` in each model directory and into its model card.
+
+With --tuning the seeds are tuning seeds (from 0 unless --first-seed says otherwise, all below
+10,000), any sample count is allowed, and nothing is written into the model directories; --json
+keeps the records of either kind.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -28,54 +35,78 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from mrdit.cards import Evaluation, accuracy_text, percent, write_card, write_evaluation
+from mrdit.cards import (
+    Evaluation,
+    accuracy_text,
+    judge_accuracy_text,
+    near_copies_text,
+    percent,
+    seeds_text,
+    write_card,
+    write_evaluation,
+)
 from mrdit.checkpoint import CheckpointError, read_config
 from mrdit.data import load_emoji
 from mrdit.guidance import GUIDANCE_SCHEDULES
 from mrdit.judge import (
+    JUDGE_EPOCHS,
+    REPORT_FIRST_SEED,
+    REPORT_MIN_PER_CLASS,
     EmojiClassifier,
     classifier,
     features_of,
     frechet_distance,
     judge_real,
     judge_recipe,
+    near_copies,
     per_class_accuracy,
+    protocol_problems,
     to_size,
 )
 from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, Pipeline
 from mrdit.sampling import SAMPLERS, SamplerSettings
 
 
-def evaluate(
-    model_dir: Path, clf: EmojiClassifier, data: Path, per_class: int, sampling: dict[str, Any], judge_size: int
-) -> dict:
-    """`sampling`: the keyword settings of `Pipeline.generate` (steps, guidance, sampler, schedule).
-    Samples are judged at `judge_size` (the classifier's), resized if the model makes another size."""
-    pipe = Pipeline.from_pretrained(model_dir)
-    val = load_emoji(data, "val", judge_size)
-    if pipe.class_names != val.class_names:
-        raise SystemExit(f"error: {model_dir} classes {pipe.class_names} differ from the data's {val.class_names}")
+def draw_samples(
+    pipe: Pipeline, per_class: int, first_seed: int, sampling: dict[str, Any], name: str = "model"
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """`per_class` samples of every class at seeds first_seed.. (the same seeds for each class): images
+    (N, 3, S, S) in [-1, 1], their classes (N,) and the seconds spent sampling."""
     images, labels, seconds = [], [], 0.0
-    for c in tqdm(range(len(pipe.class_names)), desc=f"sampling {model_dir.name}", unit="class"):
+    for c in tqdm(range(len(pipe.class_names)), desc=f"sampling {name}", unit="class"):
         t0 = time.perf_counter()
         for start in range(0, per_class, 10):  # batches of 10 images, as the recorded evaluations ran
-            seeds = list(range(start, min(start + 10, per_class)))
+            seeds = list(range(first_seed + start, first_seed + min(start + 10, per_class)))
             res = pipe.generate([c] * len(seeds), seeds, **sampling)
             images.append(torch.from_numpy(res.arrays).permute(0, 3, 1, 2).float() / 127.5 - 1)
         seconds += time.perf_counter() - t0
         labels += [c] * per_class
-    x, y = to_size(torch.cat(images), judge_size), torch.tensor(labels)
+    return torch.cat(images), torch.tensor(labels), seconds
+
+
+def evaluate(model_dir: Path, judge: Judge, per_class: int, first_seed: int, sampling: dict[str, Any]) -> dict:
+    """`sampling`: the keyword settings of `Pipeline.generate` (steps, guidance, sampler, schedule).
+    Samples are judged at the judge's size, resized if the model makes another size."""
+    pipe = Pipeline.from_pretrained(model_dir)
+    if pipe.class_names != judge.class_names:
+        raise SystemExit(f"error: {model_dir} classes {pipe.class_names} differ from the data's {judge.class_names}")
+    x, y, seconds = draw_samples(pipe, per_class, first_seed, sampling, model_dir.name)
+    x = to_size(x, judge.size)
     with torch.no_grad():
-        pred = clf(x).argmax(1)
-    xv, _ = val.batch(torch.arange(len(val)))
-    per_class_acc = per_class_accuracy(pred, y, pipe.class_names)
+        pred = judge.clf(x).argmax(1)
+    features = features_of(judge.clf, x)
+    copies = near_copies(features, judge.train_features, judge.val_features)
     return {
         "accuracy": float((pred == y).float().mean()),
-        "per_class_accuracy": per_class_acc,
-        "fd": frechet_distance(features_of(clf, x), features_of(clf, xv)),
+        "per_class_accuracy": per_class_accuracy(pred, y, pipe.class_names),
+        "fd": frechet_distance(features, judge.val_features),
+        "near_copies": copies.share,
+        "near_copies_reference": copies.reference,
+        "near_copy_threshold": copies.threshold,
         "sec_per_image": seconds / len(y),
         "samples_per_class": per_class,
-        "judge_size": judge_size,
+        "first_seed": first_seed,
+        "judge_size": judge.size,
     } | sampling
 
 
@@ -116,7 +147,24 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     )
     p.add_argument("models", type=Path, nargs="+", help="model directories")
     p.add_argument("--data", type=Path, default=Path("data/emoji"), help="prepared emoji data (default data/emoji)")
-    p.add_argument("--per-class", type=int, default=20, help="samples per class (default 20)")
+    p.add_argument(
+        "--per-class",
+        type=int,
+        default=REPORT_MIN_PER_CLASS,
+        help=f"samples per class (default {REPORT_MIN_PER_CLASS}, the fewest a reported number may use)",
+    )
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        help=f"seeds first-seed.. of each class (default {REPORT_FIRST_SEED:,}; 0 with --tuning). Reported "
+        f"numbers use seeds from {REPORT_FIRST_SEED:,}; those below are for tuning and selection",
+    )
+    p.add_argument(
+        "--tuning",
+        action="store_true",
+        help=f"measure for tuning: seeds below {REPORT_FIRST_SEED:,}, any sample count or judge epochs; "
+        "printed as tuning, never written into eval.json or the card",
+    )
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="w (the maximum w with power-cosine)")
     p.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default="constant")
@@ -125,8 +173,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     p.add_argument(
         "--classifier-epochs",
         type=int,
-        default=30,
-        help="epochs of the judge's training (default 30); a cached judge trained otherwise is retrained",
+        default=JUDGE_EPOCHS,
+        help=f"epochs of the judge's training (default {JUDGE_EPOCHS}, the frozen recipe's; others only "
+        "with --tuning); a cached judge trained otherwise is retrained",
     )
     p.add_argument(
         "--judge-size",
@@ -136,6 +185,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--no-card", action="store_true", help="do not write eval.json / update the model cards")
+    p.add_argument("--json", type=Path, help="also write every model's record here (JSON; tuning ones too)")
     p.add_argument("--figure", type=Path, help="also write a side-by-side figure of the models at the same seeds (PNG)")
     args = p.parse_args(argv)
     if args.per_class < 1:
@@ -148,6 +198,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         p.error("--classifier-epochs must be >= 1")
     if args.judge_size is not None and args.judge_size < 1:
         p.error("--judge-size must be >= 1")
+    if args.first_seed is None:
+        args.first_seed = 0 if args.tuning else REPORT_FIRST_SEED
+    if args.first_seed < 0:
+        p.error("--first-seed must be >= 0")
+    problems = protocol_problems(args.first_seed, args.per_class, args.tuning, args.classifier_epochs)
+    if problems:
+        p.error("; ".join(problems) + ("" if args.tuning else " (pass --tuning to measure for tuning)"))
     return p, args
 
 
@@ -166,16 +223,25 @@ def judge_size(p: argparse.ArgumentParser, models: list[Path], requested: int | 
 
 @dataclass(frozen=True)
 class Judge:
-    """The classifier at one size and its scores on real emoji: what every model's samples are set against."""
+    """The classifier at one size, its features of the real images and its scores on them: what every
+    model's samples are set against."""
 
     clf: EmojiClassifier
     size: int
+    class_names: list[str]
+    train_features: torch.Tensor  # (N_train, 64)
+    val_features: torch.Tensor  # (N_val, 64)
     fd_floor: float  # Frechet distance, training split vs validation split
     val_accuracy: float
     val_per_class: dict[str, float | None]
+    val_per_class_images: dict[str, int]
     train_accuracy: float  # class-balanced: the score of a model that reproduced its training images
     train_per_class: dict[str, float | None]
     recipe: dict[str, str]
+
+    @property
+    def val_images(self) -> int:
+        return len(self.val_features)
 
 
 def make_judge(p: argparse.ArgumentParser, data: Path, size: int, epochs: int) -> Judge:
@@ -184,16 +250,23 @@ def make_judge(p: argparse.ArgumentParser, data: Path, size: int, epochs: int) -
     except (OSError, ValueError) as e:  # no such prepared size, or no prepared data at all
         p.error(f"cannot judge at {size} px: {e}")
     train, val = load_emoji(data, "train", size), load_emoji(data, "val", size)
-    xt, _ = train.batch(torch.arange(len(train)))
-    xv, _ = val.batch(torch.arange(len(val)))
-    floor = frechet_distance(features_of(clf, xt), features_of(clf, xv))
-    print(f"classifier accuracy on the validation split: {val_acc * 100:.1f}%; FD floor (train vs val): {floor:.2f}")
+    ft = features_of(clf, train.batch(torch.arange(len(train)))[0])
+    fv = features_of(clf, val.batch(torch.arange(len(val)))[0])
+    floor = frechet_distance(ft, fv)
+    recipe = judge_recipe(epochs, train)
+    print(
+        f"judge version {recipe['judge_recipe']!r}, {epochs} epochs: accuracy on the real validation split "
+        f"{val_acc * 100:.1f}% of {len(val)}; FD floor (train vs val): {floor:.2f}"
+    )
     train_acc, train_per_class = judge_real(clf, train)
     print(
-        f"classifier accuracy on the training images (class-balanced; a model that reproduced them exactly "
+        f"judge accuracy on the training images (class-balanced; a model that reproduced them exactly "
         f"would score this): {train_acc * 100:.1f}%"
     )
-    return Judge(clf, size, floor, val_acc, val_per_class, train_acc, train_per_class, judge_recipe(epochs, train))
+    counts = {name: int((val.labels == c).sum()) for c, name in enumerate(val.class_names)}
+    return Judge(
+        clf, size, val.class_names, ft, fv, floor, val_acc, val_per_class, counts, train_acc, train_per_class, recipe
+    )
 
 
 def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -207,14 +280,17 @@ def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def evaluation_record(measured: dict, judge: Judge, command: str, hardware: str) -> Evaluation:
+def evaluation_record(measured: dict, judge: Judge, command: str, hardware: str, tuning: bool) -> Evaluation:
     """One model's numbers (`evaluate`) with the judge's own, the command and the machine."""
     return Evaluation.from_dict(
         measured
         | {
+            "tuning": tuning,
             "fd_floor": judge.fd_floor,
             "classifier_val_accuracy": judge.val_accuracy,
+            "classifier_val_images": judge.val_images,
             "classifier_val_per_class_accuracy": judge.val_per_class,
+            "classifier_val_per_class_images": judge.val_per_class_images,
             "classifier_train_accuracy": judge.train_accuracy,
             "classifier_train_per_class_accuracy": judge.train_per_class,
             "classifier_recipe": judge.recipe,
@@ -225,10 +301,36 @@ def evaluation_record(measured: dict, judge: Judge, command: str, hardware: str)
 
 
 def print_results(rows: list[tuple[str, Evaluation]], judge: Judge) -> None:
-    print(f"\n| model | accuracy | FD (floor {judge.fd_floor:.2f}) | s / image |\n|---|---|---|---|")
+    """The summary and per-class tables; a tuning measurement says so above them."""
+    first = rows[0][1]
+    if first.tuning:
+        print("\nTUNING (not for reporting; nothing written into the model cards):")
+    print(f"\njudge version {first.judge_version!r}, {seeds_text(first)}, {first.samples_per_class} per class")
+    print(
+        f"\n| model | accuracy | judge on real validation emoji | FD (floor {judge.fd_floor:.2f}) | "
+        "near-copies | s / image |\n|---|---|---|---|---|---|"
+    )
     for name, r in rows:
-        print(f"| {name} | {accuracy_text(r)} | {r.fd:.2f} | {r.sec_per_image:.3f} |")
-    print("\n" + per_class_table(rows, judge.train_per_class, judge.val_per_class))
+        print(
+            f"| {name} | {accuracy_text(r)} | {judge_accuracy_text(r)} | {r.fd:.2f} | {near_copies_text(r)} | "
+            f"{r.sec_per_image:.3f} |"
+        )
+    print("\n" + per_class_table(rows, judge))
+
+
+def hardware_text() -> str:
+    """ "x86_64 CPU, 2 threads, load average 1.2 at the start": the sampling time depends on all three."""
+    text = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    if hasattr(os, "getloadavg"):
+        text += f", load average {os.getloadavg()[0]:.1f} at the start"
+    return text
+
+
+def write_records(rows: list[tuple[str, Evaluation]], path: Path) -> None:
+    """Every model's record, by model directory name (for tuning runs, whose records go nowhere else)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({name: r.to_dict() for name, r in rows}, indent=2))
+    print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,15 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     command = "python train/evaluate.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
-    hardware = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    hardware = hardware_text()
     sampling = sampling_settings(args)
     rows = []
     for m in args.models:
-        r = evaluation_record(
-            evaluate(m, judge.clf, args.data, args.per_class, sampling, size), judge, command, hardware
-        )
+        measured = evaluate(m, judge, args.per_class, args.first_seed, sampling)
+        r = evaluation_record(measured, judge, command, hardware, args.tuning)
         rows.append((m.name, r))
-        if not args.no_card:
+        if not (args.no_card or args.tuning):
             write_evaluation(m, r)
             write_card(m)
     if args.figure:
@@ -260,20 +361,21 @@ def main(argv: list[str] | None = None) -> int:
             sampling,
         )
         print(f"wrote {args.figure}")
+    if args.json:
+        write_records(rows, args.json)
     print_results(rows, judge)
     return 0
 
 
-def per_class_table(
-    rows: list[tuple[str, Evaluation]], train_per_class: dict[str, float | None], val_per_class: dict[str, float | None]
-) -> str:
-    """Markdown: per class, each model's sample accuracy next to the classifier's on real training and
-    validation emoji."""
+def per_class_table(rows: list[tuple[str, Evaluation]], judge: Judge) -> str:
+    """Markdown: per class, each model's sample accuracy next to the judge's on real training and
+    validation emoji (with the number of validation images)."""
     head = "| class | " + " | ".join(name for name, _ in rows) + " | real training emoji | real validation emoji |"
     lines = [head, "|---" * (len(rows) + 3) + "|"]
-    for cname, real in val_per_class.items():
+    for cname, real in judge.val_per_class.items():
         cells = " | ".join(percent(r.per_class_accuracy[cname]) for _, r in rows)
-        lines.append(f"| {cname} | {cells} | {percent(train_per_class[cname])} | {percent(real)} |")
+        seen = percent(judge.train_per_class[cname])
+        lines.append(f"| {cname} | {cells} | {seen} | {percent(real)} of {judge.val_per_class_images[cname]} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,200 @@
+"""The measurement protocol (docs/evaluation.md): reported numbers come from the frozen judge, held-out
+seeds and at least 50 samples per class; the memorisation check; the card and the shipped records say
+which judge, seeds, interval and count."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from test_cards import _evaluation
+
+from mrdit import get_preset, judge
+from mrdit.cards import CardError, Evaluation, TrainingRun, card, read_evaluation, write_card, write_evaluation
+from mrdit.data import load_emoji
+
+EVALUATE = [sys.executable, str(ROOT / "train" / "evaluate.py")]
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+SHIPPED = sorted(p for p in (ROOT / "weights").iterdir() if (p / "eval.json").is_file())
+
+
+def _record(**fields) -> Evaluation:
+    """A reportable record: the card tests' plausible numbers, measured by the protocol, `fields` replaced."""
+    protocol = {
+        "samples_per_class": 50,
+        "first_seed": 10_000,
+        "near_copies": 0.02,
+        "near_copies_reference": 0.05,
+        "near_copy_threshold": 1.0,
+        "classifier_val_accuracy": 0.6,
+        "classifier_val_images": 40,
+        "classifier_val_per_class_accuracy": {"a": 0.9, "b": 0.3},
+        "classifier_val_per_class_images": {"a": 30, "b": 10},
+        "classifier_recipe": {"judge_recipe": judge.JUDGE_RECIPE, "epochs": str(judge.JUDGE_EPOCHS)},
+    }
+    return _evaluation(**protocol | fields)
+
+
+def test_seed_rule():
+    assert judge.protocol_problems(judge.REPORT_FIRST_SEED, judge.REPORT_MIN_PER_CLASS) == []
+    assert judge.protocol_problems(20_000, 100) == []
+    (problem,) = judge.protocol_problems(0, 50)
+    assert "seeds 0-49: seeds below 10,000 are for tuning" in problem
+    assert judge.protocol_problems(9_999, 50) != []  # one tuning seed is enough to refuse
+    # tuning stays below the held-out seeds, with any count
+    assert judge.protocol_problems(0, 3, tuning=True) == []
+    assert judge.protocol_problems(9_950, 50, tuning=True) == []
+    (problem,) = judge.protocol_problems(9_951, 50, tuning=True)
+    assert "reach the held-out" in problem
+    assert judge.protocol_problems(10_000, 50, tuning=True) != []
+
+
+def test_sample_count_and_judge_rules():
+    (problem,) = judge.protocol_problems(10_000, 49)
+    assert "49 samples per class: reported numbers use at least 50" in problem
+    (problem,) = judge.protocol_problems(10_000, 50, epochs=2)
+    assert "trained for 2 epochs" in problem
+    assert len(judge.protocol_problems(0, 20, epochs=2)) == 3
+    assert judge.protocol_problems(0, 20, tuning=True, epochs=2) == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--first-seed", "0"], "seeds below 10,000 are for tuning and selection"),
+        (["--per-class", "20"], "reported numbers use at least 50"),
+        (["--classifier-epochs", "2"], "the reported judge trains for 30"),
+        (["--tuning", "--first-seed", "9990", "--per-class", "20"], "reach the held-out ones"),
+        (["--tuning", "--first-seed", "10000"], "reach the held-out ones"),
+    ],
+)
+def test_evaluator_refuses_what_the_protocol_does_not_report(tmp_path, args, message):
+    r = subprocess.run(
+        [*EVALUATE, str(tmp_path / "m"), "--data", str(tmp_path / "none"), *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and message in r.stderr
+    if not args[0] == "--tuning":
+        assert "pass --tuning to measure for tuning" in r.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_only_reportable_records_are_written(tmp_path):
+    for bad, reason in [
+        (_record(tuning=True), "tuning seeds"),
+        (_record(first_seed=0), "seeds below 10,000"),
+        (_record(first_seed=None), "seeds below 10,000"),  # a record from before the protocol
+        (_record(samples_per_class=20), "at least 50"),
+        (_record(classifier_recipe=None), "version is not recorded"),
+        (_record(classifier_val_images=None), "real validation emoji is not recorded"),
+        (_record(near_copies=None), "memorisation check is missing"),
+    ]:
+        with pytest.raises(CardError, match=reason):
+            write_evaluation(tmp_path, bad)
+        assert not (tmp_path / "eval.json").exists()
+    write_evaluation(tmp_path, _record())
+    assert read_evaluation(tmp_path) == _record()
+
+
+def test_memorisation_check_on_features_with_a_known_answer():
+    g = torch.Generator().manual_seed(0)
+    train, val, fresh = (torch.randn(n, 8, generator=g) for n in (2000, 1000, 4000))
+    copies = judge.near_copies(train[:500], train, val)
+    assert copies.share == 1.0  # exact copies of training images
+    assert 0.049 <= copies.reference <= 0.051 and copies.quantile == 0.05
+    assert judge.near_copies(val, train, val).share == copies.reference  # the validation images themselves
+    novel = judge.near_copies(fresh, train, val).share  # as novel as real unseen images: about 5%
+    assert 0.035 < novel < 0.065
+    nudged = judge.near_copies(train[:500] + 0.01 * torch.randn(500, 8, generator=g), train, val).share
+    assert nudged > 0.99  # a copy with a little noise is still a copy
+    far = judge.near_copies(fresh + 10, train, val).share
+    assert far == 0.0
+
+
+def test_memorisation_check_on_images_through_the_judge():
+    torch.manual_seed(0)
+    clf = judge.EmojiClassifier(12).eval()  # any fixed feature map will do: copies are copies in every one
+    train, val = torch.rand(400, 3, 16, 16) * 2 - 1, torch.rand(200, 3, 16, 16) * 2 - 1
+    ft, fv = judge.features_of(clf, train), judge.features_of(clf, val)
+    copied = judge.near_copies(judge.features_of(clf, train[torch.randperm(400)[:120]]), ft, fv)
+    assert copied.share == 1.0 and copied.threshold > 0
+    assert 10 / 200 <= copied.reference <= 11 / 200  # the 5% quantile of 200 distances
+    assert judge.near_copies(judge.features_of(clf, val), ft, fv).share == copied.reference
+    flipped = judge.near_copies(judge.features_of(clf, train.flip(-1)), ft, fv).share  # mirrored noise is no copy
+    assert flipped < 0.2
+
+
+def test_card_names_the_judge_version_interval_count_and_seeds():
+    config = get_preset("tiny").replace(num_classes=3, null_label=2, class_names=("a", "b"))
+    text = card("m", config, 1, TrainingRun(), _record())
+    lo, hi = judge.wilson_interval(0.75, 100)
+    for needle in (
+        f"judge version {judge.JUDGE_RECIPE!r}, {judge.JUDGE_EPOCHS} epochs",
+        f"| class accuracy of samples | 75.0% (95% interval {lo * 100:.1f}-{hi * 100:.1f}%, 100 samples) |",
+        "| the judge's accuracy on real validation emoji (what it can recognise) | 60.0% (95% interval ",
+        ", 40 images) |",
+        "50 samples per class, seeds 10,000-10,049 of each class (held out: seeds below 10,000 are for tuning).",
+        "| near-copies: samples at least as close to a training image (judge features) as the closest 5% of real "
+        "validation emoji are | 2.0% (95% interval ",
+        "; real validation emoji: 5.0% |",
+        "| the same distance, train split vs validation split (floor) | 1.50 |",
+        "| a | 100% (93-100%) | 100% | 90% of 30 |",
+    ):
+        assert needle in text, needle
+    old = card("m", config, 1, TrainingRun(), _record(first_seed=None, samples_per_class=20))
+    assert "seeds 0-19 of each class (measured before the protocol of docs/evaluation.md)" in old
+
+
+def test_write_card_keeps_sections_added_by_hand(tmp_path, tiny_model_dir):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    write_card(model)
+    plain = (model / "README.md").read_text()
+    note = "## How it compares\n\nWritten by hand.\n\n"
+    (model / "README.md").write_text(plain.replace("## Data, licences", note + "## Data, licences"))
+    write_card(model)
+    assert (model / "README.md").read_text() == plain.replace("## Data, licences", note + "## Data, licences")
+
+
+@pytest.mark.parametrize("model_dir", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_numbers_follow_the_protocol(model_dir):
+    """Every shipped record was measured by today's judge version, at held-out seeds, 50 or more per
+    class: changing the judge means measuring the shipped models again in the same change."""
+    ev = read_evaluation(model_dir)
+    assert ev.protocol_problems() == []
+    assert ev.judge_version == judge.JUDGE_RECIPE
+    readme = (ROOT / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith(f"| `weights/{model_dir.name}`"))
+    lo, hi = judge.wilson_interval(ev.accuracy, ev.samples)
+    assert f"{ev.accuracy * 100:.1f}% ({lo * 100:.1f}-{hi * 100:.1f}%, n = {ev.samples})" in row
+    assert f"{ev.classifier_val_accuracy * 100:.1f}%" in row and judge.JUDGE_RECIPE in row
+
+
+def test_a_tuning_run_writes_nothing_into_the_model(tmp_path, emoji_data):
+    from mrdit import build_model, save_model
+
+    names = json.loads((emoji_data / "classes.json").read_text())["classes"]
+    names = tuple(c["name"] for c in names)
+    config = get_preset("tiny").replace(num_classes=len(names) + 1, null_label=len(names), class_names=names)
+    torch.manual_seed(0)
+    model = save_model(build_model(config), tmp_path / "m")
+    out = tmp_path / "tuning.json"
+    tuning = ["--tuning", "--per-class", "2", "--steps", "1", "--classifier-epochs", "1", "--json", str(out)]
+    cmd = [*EVALUATE, str(model), "--data", str(emoji_data), *tuning]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "TUNING (not for reporting" in r.stdout and "seeds 0-1 of each class (tuning seeds)" in r.stdout
+    assert not (model / "eval.json").exists() and not (model / "README.md").exists()
+    record = Evaluation.from_dict(json.loads(out.read_text())["m"])
+    assert record.tuning and record.first_seed == 0
+    assert record.protocol_problems() == ["measured on tuning seeds (--tuning)"]
+    assert 0 <= record.near_copies <= 1 and record.classifier_val_images == len(load_emoji(emoji_data, "val", 16))
