@@ -69,9 +69,11 @@ COMPILE = os.environ.get("MRDIT_COMPILE", "1") != "0" and not on_zero_gpu()
 # ... once the model has been idle this long (MRDIT_COMPILE_IDLE=0: at once, sharing the cores with the
 # first requests), so the first request after a start runs at the plain network's full speed.
 COMPILE_IDLE_S = float(os.environ.get("MRDIT_COMPILE_IDLE", "30"))
-# Concurrent Generate requests with one sampling plan share one batched sampler run (MRDIT_BATCH=0: each
-# request runs alone, two at a time); BATCH_IMAGES caps a batch, GENERATE_CONCURRENCY the requests let in.
-BATCH = os.environ.get("MRDIT_BATCH", "1") != "0"
+# Concurrent Generate requests with one sampling plan share one batched sampler run: on by default on a
+# GPU, where a forward costs about the same at any small batch; off on a CPU, where the cost per image is
+# flat from 4 images on and batching measured no gain (bench/NOTES.md). MRDIT_BATCH=1 / 0 overrides.
+# BATCH_IMAGES caps a batch, GENERATE_CONCURRENCY the requests let in.
+BATCH = os.environ.get("MRDIT_BATCH", "1" if torch.cuda.is_available() else "0") != "0"
 BATCH_IMAGES = 32
 # Per-step previews streamed and kept for replay (MRDIT_PREVIEWS=0: the final step only, to measure what
 # previews cost: bench/stream_overhead.py).

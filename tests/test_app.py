@@ -279,10 +279,13 @@ def test_live_server_with_gradio_client(weights, client):
     )
 
 
-def test_stop_cancels_a_running_generation(client, monkeypatch):
+@pytest.mark.parametrize("batched", [False, True])
+def test_stop_cancels_a_running_generation(client, monkeypatch, batched):
     """Stop is wired to cancel Generate, and cancelling through the client stops the sampler on the
-    server mid-run; the server then serves the next request."""
+    server mid-run, alone or through the request batcher; the server then serves the next request."""
     from mrdit.pipeline import Pipeline
+
+    monkeypatch.setattr(app, "BATCH", batched)
 
     config = client.config
     stop = [c["id"] for c in config["components"] if c.get("props", {}).get("value") == "Stop"]
@@ -293,15 +296,16 @@ def test_stop_cancels_a_running_generation(client, monkeypatch):
     )
 
     produced = []
-    real_run = Pipeline._run_requests  # the batched sampler run behind every Generate request
+    name = "_run_requests" if batched else "stream"  # the sampler run behind a Generate request
+    real_run = getattr(Pipeline, name)
 
-    def counting(self, requests):
-        for state in real_run(self, requests):
-            produced.append(state.index)
+    def counting(self, *args, **kwargs):
+        for item in real_run(self, *args, **kwargs):
+            produced.append(item.index if batched else item[0].index)
             time.sleep(0.05)  # at least 5 s for the run: the cancel lands mid-run on any machine
-            yield state
+            yield item
 
-    monkeypatch.setattr(Pipeline, "_run_requests", counting)
+    monkeypatch.setattr(Pipeline, name, counting)
     job = client.submit(
         class_label="face", seed=0, steps=100, guidance=2.0, sampler="ddim", num_images=8, api_name="/generate"
     )
