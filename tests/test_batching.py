@@ -55,22 +55,28 @@ def test_rows_of_slices_every_per_row_field():
     assert part.index == 0 and part.nfe == 1
 
 
-def test_waiting_requests_with_one_plan_share_a_run_and_get_their_own_rows():
-    fake = FakeSampler()
-    b = RequestBatcher(fake, _key, max_rows=32)
+def _behind_a_held_run(b: RequestBatcher, fake: FakeSampler, requests: list[tuple[str, int, int]]) -> dict:
+    """Requests (plan, value, rows) sent one after another while the first run (value 0) is held at
+    the gate, then released; every request's states by value."""
     out: dict[int, list] = {}
     first = threading.Thread(target=_collect, args=(b, {"plan": "a", "value": 0}, 1, out, 0))
     first.start()
-    time.sleep(0.2)  # the first run is going (held at the gate); the next three queue behind it
-    later = [
-        threading.Thread(target=_collect, args=(b, {"plan": "a", "value": v}, 2, out, v)) for v in (10, 20, 30)
-    ]
-    for t in later:
+    time.sleep(0.2)  # the first run is going (held at the gate); the others queue behind it
+    threads = [threading.Thread(target=_collect, args=(b, {"plan": p, "value": v}, n, out, v)) for p, v, n in requests]
+    for t in threads:
         t.start()
+        time.sleep(0.05)
     time.sleep(0.2)
     fake.gate.set()
-    for t in [first, *later]:
+    for t in [first, *threads]:
         t.join(10)
+    return out
+
+
+def test_waiting_requests_with_one_plan_share_a_run_and_get_their_own_rows():
+    fake = FakeSampler()
+    b = RequestBatcher(fake, _key, max_rows=32)
+    out = _behind_a_held_run(b, fake, [("a", v, 2) for v in (10, 20, 30)])
     assert fake.batches == [[0], [10, 20, 30]]
     for v in (10, 20, 30):
         assert [s.flatten().tolist() for s in out[v]] == [[v + i] * 2 for i in range(3)]
@@ -80,18 +86,7 @@ def test_waiting_requests_with_one_plan_share_a_run_and_get_their_own_rows():
 def test_different_plans_and_the_row_cap_split_batches():
     fake = FakeSampler()
     b = RequestBatcher(fake, _key, max_rows=4)
-    out: dict[int, list] = {}
-    first = threading.Thread(target=_collect, args=(b, {"plan": "a", "value": 0}, 1, out, 0))
-    first.start()
-    time.sleep(0.2)
-    reqs = [("a", 1, 3), ("b", 2, 1), ("a", 3, 1), ("a", 4, 1)]  # 3 + 1 rows fit, the 4th waits
-    threads = [threading.Thread(target=_collect, args=(b, {"plan": p, "value": v}, n, out, v)) for p, v, n in reqs]
-    for t in threads:
-        t.start()
-        time.sleep(0.05)
-    fake.gate.set()
-    for t in [first, *threads]:
-        t.join(10)
+    out = _behind_a_held_run(b, fake, [("a", 1, 3), ("b", 2, 1), ("a", 3, 1), ("a", 4, 1)])  # 3 + 1 rows fit
     assert fake.batches == [[0], [1, 3], [2], [4]]
     assert all(len(out[v]) == 3 for v in range(5))
 
