@@ -27,9 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mrdit import load_model  # noqa: E402
+from mrdit import load_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,12 +134,9 @@ def interleaved_rounds(model, inputs: dict, flops: dict, mm: tuple, repeats: int
     return mm_s, fwd_s, ratios, faults
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    model = load_model(args.model)
-    config = {
+def run_config(args: argparse.Namespace) -> dict:
+    """The resolved settings and the machine, printed and recorded with the results."""
+    return {
         "model": args.model,
         "batch_rows": args.batch,
         "images_per_batch": [b // 2 for b in args.batch],
@@ -154,12 +149,51 @@ def main(argv: list[str] | None = None) -> int:
         "processor": platform.processor() or platform.platform(),
         "mkldnn": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
     }
+
+
+def forward_result(rows: int, flops: float, times: list[float], ratios: list[float], faults: list[float]) -> dict:
+    """One batch size's numbers, printed as a line."""
+    s = statistics.median(times)
+    r = {
+        "rows": rows,
+        "images": rows // 2,
+        "gflop_per_forward": flops / 1e9,
+        "ms": s * 1e3,
+        "gflops": flops / s / 1e9,
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "page_faults_per_forward": statistics.median(faults),
+    }
+    print(
+        f"guided forward, {rows} rows ({rows // 2} images): {r['gflop_per_forward']:.3f} GFLOP, "
+        f"{r['ms']:.2f} ms, {r['gflops']:.1f} GFLOP/s = {r['ratio'] * 100:.1f}% of matmul "
+        f"(rounds {r['ratio_min'] * 100:.1f}-{r['ratio_max'] * 100:.1f}%; "
+        f"{r['page_faults_per_forward']:.0f} page faults per forward)"
+    )
+    return r
+
+
+def print_profile(rows: int, table: list[dict]) -> None:
+    print(f"profile, {rows} rows: top operators by self CPU time per forward")
+    for e in table:
+        print(
+            f"  {e['op']:40s} {e['calls_per_forward']:6.0f} calls  {e['self_ms_per_forward']:7.2f} ms"
+            f"  {e['self_share'] * 100:5.1f}%"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    config = run_config(args)
     print("config:", json.dumps(config))
 
     n_mm, mm_sizes = pick_matmul(args.matmul_sizes)
     print("matmul GFLOP/s by size:", {k: round(v, 1) for k, v in mm_sizes.items()}, f"-> {n_mm}^3")
     a, b = torch.randn(n_mm, n_mm), torch.randn(n_mm, n_mm)
-    mm_flops = 2 * n_mm**3
 
     inputs = {rows: guided_inputs(model.config, rows, args.step) for rows in args.batch}
     flops = {}
@@ -169,49 +203,23 @@ def main(argv: list[str] | None = None) -> int:
         flops[rows] = float(fc.get_total_flops())
 
     mm_s, fwd_s, ratios, faults = interleaved_rounds(model, inputs, flops, (a, b), args.repeats, args.inner)
-    mm_rate = mm_flops / statistics.median(mm_s) / 1e9
+    mm_rate = 2 * n_mm**3 / statistics.median(mm_s) / 1e9
+    print(f"matmul {n_mm}^3, median over the run: {mm_rate:.1f} GFLOP/s")
     results = {
         "command": "python " + " ".join(sys.argv),
         "config": config,
         "matmul_size": n_mm,
         "matmul_gflops_by_size": mm_sizes,
         "matmul_gflops": mm_rate,
+        "forward": {
+            str(rows): forward_result(rows, flops[rows], fwd_s[rows], ratios[rows], faults[rows]) for rows in args.batch
+        },
     }
-    results["forward"] = {}
-    print(f"matmul {n_mm}^3, median over the run: {mm_rate:.1f} GFLOP/s")
-    for rows in args.batch:
-        s = statistics.median(fwd_s[rows])
-        r = {
-            "rows": rows,
-            "images": rows // 2,
-            "gflop_per_forward": flops[rows] / 1e9,
-            "ms": s * 1e3,
-            "gflops": flops[rows] / s / 1e9,
-            "ratio": statistics.median(ratios[rows]),
-            "ratio_min": min(ratios[rows]),
-            "ratio_max": max(ratios[rows]),
-            "page_faults_per_forward": statistics.median(faults[rows]),
-        }
-        results["forward"][str(rows)] = r
-        print(
-            f"guided forward, {rows} rows ({rows // 2} images): {r['gflop_per_forward']:.3f} GFLOP, "
-            f"{r['ms']:.2f} ms, {r['gflops']:.1f} GFLOP/s = {r['ratio'] * 100:.1f}% of matmul "
-            f"(rounds {r['ratio_min'] * 100:.1f}-{r['ratio_max'] * 100:.1f}%; "
-            f"{r['page_faults_per_forward']:.0f} page faults per forward)"
-        )
-
     if not args.no_profile:
         rows = args.profile_batch or args.batch[0]
         inp = inputs[rows] if rows in inputs else guided_inputs(model.config, rows, args.step)
-        table = profile_table(model, inp, args.profile_top)
-        results["profile"] = {"rows": rows, "top_ops": table}
-        print(f"profile, {rows} rows: top operators by self CPU time per forward")
-        for e in table:
-            print(
-                f"  {e['op']:40s} {e['calls_per_forward']:6.0f} calls  {e['self_ms_per_forward']:7.2f} ms"
-                f"  {e['self_share'] * 100:5.1f}%"
-            )
-
+        results["profile"] = {"rows": rows, "top_ops": profile_table(model, inp, args.profile_top)}
+        print_profile(rows, results["profile"]["top_ops"])
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,20 +136,23 @@ def test_nan_weights_are_refused(tiny_model_dir, tmp_path):
         load_model(d)
 
 
-def test_config_not_matching_weights(tiny_model_dir, tmp_path):
+def _with_branch_field(tiny_model_dir, tmp_path, branch: int, key: str, value) -> Path:
+    """A copy of the tiny model whose config.json sets one field of one branch."""
     d = _copy(tiny_model_dir, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["branches"][0]["width"] = 64
+    cfg["branches"][branch][key] = value
     (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_config_not_matching_weights(tiny_model_dir, tmp_path):
+    d = _with_branch_field(tiny_model_dir, tmp_path, 0, "width", 64)
     with pytest.raises(CheckpointError, match="shape"):
         load_model(d)
 
 
 def test_invalid_config_names_the_field(tiny_model_dir, tmp_path):
-    d = _copy(tiny_model_dir, tmp_path)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["branches"][1]["grid"] = 7
-    (d / "config.json").write_text(json.dumps(cfg))
+    d = _with_branch_field(tiny_model_dir, tmp_path, 1, "grid", 7)
     with pytest.raises(CheckpointError, match=r"config.json: branches\[1\].grid"):
         load_model(d)
 

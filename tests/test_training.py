@@ -244,6 +244,12 @@ def test_a_training_state_holding_code_is_refused(tmp_path):
     assert state["step"] == 5 and not marker.exists()
 
 
+def _script(name: str, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """train/`name` run as a user runs it, with `args`, one thread, output captured."""
+    argv = [sys.executable, str(ROOT / "train" / name), *args]
+    return subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
 def _run(cfg, run, *extra, timeout=300):
     return subprocess.run(
         [*TRAIN, "--config", str(cfg), "--run-dir", str(run), *extra],
@@ -255,10 +261,9 @@ def _run(cfg, run, *extra, timeout=300):
 
 
 def _export(run, weights_dir, name, *extra):
-    return subprocess.run(
+    return _script(
+        "export.py",
         [
-            sys.executable,
-            str(ROOT / "train" / "export.py"),
             str(run),
             "--name",
             name,
@@ -266,9 +271,6 @@ def _export(run, weights_dir, name, *extra):
             str(weights_dir),
             *extra,
         ],
-        env=ENV,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
 
@@ -509,10 +511,9 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
     assert len(res.images) == 2 and res.images[0].size == (16, 16)
 
     # the evaluator writes its numbers into eval.json and the card, and a side-by-side figure
-    r = subprocess.run(
+    r = _script(
+        "evaluate.py",
         [
-            sys.executable,
-            str(ROOT / "train" / "evaluate.py"),
             str(out),
             "--data",
             str(emoji_data),
@@ -525,9 +526,6 @@ def test_export_load_sample_and_card(tmp_path, emoji_data):
             "--guidance-power",
             "2",
         ],
-        env=ENV,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert r.returncode == 0, r.stderr[-2000:]
@@ -634,10 +632,9 @@ def test_encode_latents_and_train_on_them(tmp_path):
     vae = tiny_vae()
     vae.save_pretrained(tmp_path / "vae")
     out = tmp_path / "latents.safetensors"
-    r = subprocess.run(
+    r = _script(
+        "encode_latents.py",
         [
-            sys.executable,
-            str(ROOT / "train" / "encode_latents.py"),
             str(root),
             "--out",
             str(out),
@@ -648,9 +645,6 @@ def test_encode_latents_and_train_on_them(tmp_path):
             "--device",
             "cpu",
         ],
-        env=ENV,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-2000:]
