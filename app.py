@@ -14,6 +14,7 @@ measure, `mrdit.interventions` and `mrdit.probes` the experiments, `mrdit.visual
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -302,23 +303,29 @@ STREAMS = ActiveStreams()
 class StreamedFrames:
     """A running request's streamed panels as PNG files written at low compression (a few times faster
     to encode than the default while the image changes every frame; the final panels go out as usual).
-    Each file is removed once the next one is shown (gradio has copied it by then), the last at `close`."""
+    Files older than a minute are swept away, at most every few seconds (gradio has copied them by then)."""
 
-    def __init__(self) -> None:
-        self.previous: Path | None = None
+    folder = EXPORTS / "frames"
+    keep_s = 60.0
+    sweep_every_s = 5.0
+    last_sweep = [0.0]
 
     def show(self, sheet: np.ndarray) -> str:
-        path = EXPORTS / "frames" / f"{uuid.uuid4().hex}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{uuid.uuid4().hex}.png"
         Image.fromarray(sheet).save(path, compress_level=1)
-        self.close()
-        self.previous = path
+        self.sweep()
         return str(path)
 
-    def close(self) -> None:
-        if self.previous is not None:
-            self.previous.unlink(missing_ok=True)
-            self.previous = None
+    def sweep(self) -> None:
+        now = time.time()
+        if now - self.last_sweep[0] < self.sweep_every_s:
+            return
+        self.last_sweep[0] = now
+        for old in self.folder.glob("*.png"):
+            with contextlib.suppress(OSError):
+                if now - old.stat().st_mtime > self.keep_s:
+                    old.unlink()
 
 
 def render(run: Run, frame: Frame) -> np.ndarray:
@@ -482,7 +489,7 @@ def generate(class_label, seed, steps, guidance, sampler, num_images=4, model=DE
         kw = {"previews": PREVIEWS}
         states = pipe.stream_batched(run.settings, max_rows=BATCH_IMAGES, **kw) if BATCH else pipe.stream(run.settings, **kw)
         frames = StreamedFrames()
-        with closing(states), closing(frames), STREAMS:  # on Stop: this request's deliveries end, its batch goes on
+        with closing(states), STREAMS:  # on Stop: this request's deliveries end, its batch goes on
             for state, pv in states:
                 SAMPLER_STEPS[0] += 1
                 if pv is None and state.index + 1 < state.total:
