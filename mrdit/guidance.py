@@ -50,10 +50,15 @@ def guidance_weight_fn(guidance: float, schedule: str, power: float, num_steps: 
     return GUIDANCE_REGISTRY[schedule](guidance, power, num_steps)
 
 
+def with_null_labels(labels: torch.Tensor, null_label: int) -> torch.Tensor:
+    """(2B,): the labels, then the null label once per image, for one batched guided forward."""
+    null = torch.full_like(labels, null_label)
+    return torch.cat([labels, null])
+
+
 def guided_denoiser(model: torch.nn.Module, labels: torch.Tensor, weight: WeightFn, null_label: int) -> Denoiser:
     """A function (x, n) -> per-branch guided noise predictions, n a DDPM step shared by the batch."""
-    null = torch.full_like(labels, null_label)
-    both = torch.cat([labels, null])  # (2B,)
+    both = with_null_labels(labels, null_label)  # (2B,)
 
     def denoise(x: torch.Tensor, n: torch.Tensor) -> list[torch.Tensor]:
         t = n.reshape(1).to(x.device, torch.float32)  # one shared step: TD parameters computed once
@@ -77,8 +82,7 @@ def rowwise_guided_denoiser(
     gets exactly what it would get alone (a row at w = 1 takes the conditional prediction as such)."""
     if len(weights) != labels.shape[0]:
         raise ValueError(f"need one weight function per image: {len(weights)} for {labels.shape[0]} labels")
-    null = torch.full_like(labels, null_label)
-    both = torch.cat([labels, null])  # (2B,)
+    both = with_null_labels(labels, null_label)  # (2B,)
 
     def denoise(x: torch.Tensor, n: torch.Tensor) -> list[torch.Tensor]:
         t = n.reshape(1).to(x.device, torch.float32)
