@@ -300,32 +300,30 @@ class ActiveStreams:
 STREAMS = ActiveStreams()
 
 
-class StreamedFrames:
-    """A running request's streamed panels as PNG files written at low compression (a few times faster
-    to encode than the default while the image changes every frame; the final panels go out as usual).
-    Files older than a minute are swept away, at most every few seconds (gradio has copied them by then)."""
+def sweep_old(folder: Path, pattern: str, max_age_s: float) -> None:
+    """Bounded disk use: remove files in `folder` matching `pattern` older than `max_age_s`."""
+    now = time.time()
+    for old in folder.glob(pattern):
+        with contextlib.suppress(OSError):  # another session may have removed it first
+            if now - old.stat().st_mtime > max_age_s:
+                old.unlink()
 
-    folder = EXPORTS / "frames"
-    keep_s = 60.0
-    sweep_every_s = 5.0
-    last_sweep = [0.0]
 
-    def show(self, sheet: np.ndarray) -> str:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"{uuid.uuid4().hex}.png"
-        Image.fromarray(sheet).save(path, compress_level=1)
-        self.sweep()
-        return str(path)
+FRAMES = EXPORTS / "frames"
+_last_frame_sweep = [0.0]
 
-    def sweep(self) -> None:
-        now = time.time()
-        if now - self.last_sweep[0] < self.sweep_every_s:
-            return
-        self.last_sweep[0] = now
-        for old in self.folder.glob("*.png"):
-            with contextlib.suppress(OSError):
-                if now - old.stat().st_mtime > self.keep_s:
-                    old.unlink()
+
+def streamed_frame(sheet: np.ndarray) -> str:
+    """A streamed panel sheet as a PNG file at low compression (a few times faster to encode than the
+    default while the image changes every frame; the final panels go out as usual). Frames older than
+    a minute are swept, at most every 5 s (gradio has copied them into its cache by then)."""
+    FRAMES.mkdir(parents=True, exist_ok=True)
+    path = FRAMES / f"{uuid.uuid4().hex}.png"
+    Image.fromarray(sheet).save(path, compress_level=1)
+    if time.time() - _last_frame_sweep[0] > 5.0:
+        _last_frame_sweep[0] = time.time()
+        sweep_old(FRAMES, "*.png", 60.0)
+    return str(path)
 
 
 def render(run: Run, frame: Frame) -> np.ndarray:
@@ -488,7 +486,6 @@ def generate(class_label, seed, steps, guidance, sampler, num_images=4, model=DE
     try:
         kw = {"previews": PREVIEWS}
         states = pipe.stream_batched(run.settings, max_rows=BATCH_IMAGES, **kw) if BATCH else pipe.stream(run.settings, **kw)
-        frames = StreamedFrames()
         with closing(states), STREAMS:  # on Stop: this request's deliveries end, its batch goes on
             for state, pv in states:
                 SAMPLER_STEPS[0] += 1
@@ -500,7 +497,7 @@ def generate(class_label, seed, steps, guidance, sampler, num_images=4, model=DE
                 if now - last_emit >= STREAMS.interval() or state.index + 1 == state.total:
                     last_emit = now
                     status = status_text(frame, run.traj, now - t0)
-                    yield (frames.show(render(run, frame)), None, status, run, *([gr.update()] * 4))
+                    yield (streamed_frame(render(run, frame)), None, status, run, *([gr.update()] * 4))
         assert state is not None and frame is not None
         _finish(pipe, run, state.x)
     except Exception as e:
@@ -621,12 +618,7 @@ def step_next(run: Run | None):
 
 def _export_path(run: Run, suffix: str) -> Path:
     EXPORTS.mkdir(parents=True, exist_ok=True)
-    for old in EXPORTS.glob("trajectory-*"):  # bounded disk use: drop exports older than an hour
-        try:
-            if time.time() - old.stat().st_mtime > 3600:
-                old.unlink(missing_ok=True)
-        except OSError:  # another session removed it first
-            pass
+    sweep_old(EXPORTS, "trajectory-*", 3600.0)
     return EXPORTS / f"trajectory-{run.id[:8]}{suffix}"
 
 
