@@ -40,6 +40,7 @@ from PIL import Image
 from mrdit.cards import EMOJI_CREDITS
 from mrdit.checkpoint import REPO_ID, CheckpointError
 from mrdit.classes import read_synonyms
+from mrdit.cost import forward_flops
 from mrdit.hubguard import fetch_model
 from mrdit.interventions import BranchGuidance, FreezeCoarse, SwapCoarse, plan_swap
 from mrdit.measures import band_names, band_split, new_detail_shares, settling_curves
@@ -953,13 +954,7 @@ def _compare_pipes(model) -> tuple[Pipeline, Pipeline]:
 def mflops(pipe: Pipeline) -> float:
     """Compute of one network evaluation for one image, in MFLOP (counted once per model)."""
     if "mflops" not in pipe.__dict__:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        c = pipe.config
-        x = torch.zeros(1, c.channels, c.image_size, c.image_size, device=pipe.device)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            pipe.model(x, torch.full((1,), c.schedule.num_steps / 2, device=pipe.device), torch.zeros(1, dtype=torch.long, device=pipe.device))
-        pipe.__dict__["mflops"] = counter.get_total_flops() / 1e6
+        pipe.__dict__["mflops"] = forward_flops(pipe.model) / 1e6
     return pipe.__dict__["mflops"]
 
 

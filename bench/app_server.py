@@ -61,14 +61,22 @@ class Server:
 
 @contextlib.contextmanager
 def served_app(
-    model: str | None = None, compile: bool = True, timeout: float = 120, extra_env: dict[str, str] | None = None
+    model: str | None = None,
+    compile: bool = True,
+    timeout: float = 120,
+    extra_env: dict[str, str] | None = None,
+    root: Path = ROOT,
 ) -> Iterator[Server]:
-    """Run `python app.py` until the block ends. A server that exits or does not listen within
-    `timeout` seconds ends the benchmark with the tail of its log."""
+    """Run `python app.py` of the checkout at `root` until the block ends. A server that exits or does
+    not listen within `timeout` seconds ends the benchmark with the tail of its log."""
     port = free_port()
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py")], env=server_env(port, model, compile, extra_env), stdout=log, stderr=log
+            [sys.executable, str(root / "app.py")],
+            cwd=root,
+            env=server_env(port, model, compile, extra_env),
+            stdout=log,
+            stderr=log,
         )
         try:
             wait_for_port(proc, port, timeout, log)
@@ -169,14 +177,36 @@ def server_parser(doc: str, baseline_example: str) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help=f"first measure the app with these settings ({baseline_example}), then with --env",
     )
+    p.add_argument(
+        "--baseline-rev",
+        metavar="REV",
+        help="first measure the app as of this git revision (exported to a temporary folder, with its own "
+        "weights and settings from --baseline-env), then this checkout's with --env",
+    )
     p.add_argument("--out", type=Path)
     return p
 
 
 def baseline_then_measured(args: argparse.Namespace, measure) -> dict[str, dict]:
-    """`measure(args, env)` for the baseline server (if `--baseline-env`) and then the measured one."""
+    """`measure(args, env, root)` for the baseline server (if `--baseline-env` or `--baseline-rev`) and
+    then the measured one (this checkout)."""
     runs = {}
-    if args.baseline_env is not None:
-        runs["baseline"] = measure(args, env_pairs(args.baseline_env))
-    runs["measured"] = measure(args, env_pairs(args.env))
+    if args.baseline_rev is not None:
+        with exported_revision(args.baseline_rev) as root:
+            runs["baseline"] = measure(args, env_pairs(args.baseline_env or []), root) | {"rev": args.baseline_rev}
+    elif args.baseline_env is not None:
+        runs["baseline"] = measure(args, env_pairs(args.baseline_env), ROOT)
+    runs["measured"] = measure(args, env_pairs(args.env), ROOT)
     return runs
+
+
+@contextlib.contextmanager
+def exported_revision(rev: str) -> Iterator[Path]:
+    """This repository's files as of git revision `rev`, in a temporary folder for the block. Its
+    `app.py` imports that revision's `mrdit` (a script's own folder comes first on `sys.path`)."""
+    with tempfile.TemporaryDirectory(prefix="mrdit-rev-") as tmp:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev], capture_output=True)
+        if archive.returncode != 0:
+            raise SystemExit(f"error: cannot export git revision {rev!r}: {archive.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        yield Path(tmp)

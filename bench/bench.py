@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from forward_bench import CUDA_ONLY, FORWARD_VARIANTS, forward_flops, run_forward
+from forward_bench import CUDA_ONLY, FORWARD_VARIANTS, run_forward
 from modes import AMP_DTYPES, TRAIN_MODES, TrainCase, apply_inductor_settings, parse_inductor_setting, parse_train_case
 from mrdit import build_model, get_preset, load_model
+from mrdit.cost import forward_flops
 from plan import BenchConfig, BenchRun
 from report import Results, machine, print_config
 from sampling_bench import available_variants, default_variants, run_sampling

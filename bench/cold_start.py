@@ -16,6 +16,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from app_server import baseline_then_measured, generate_inputs, served_app, server_parser, wait_until_idle
 from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
@@ -28,12 +29,12 @@ def timed_request(client, inputs: dict) -> float:
     return time.perf_counter() - t0
 
 
-def measure_server(args: argparse.Namespace, extra_env: dict[str, str]) -> dict:
+def measure_server(args: argparse.Namespace, extra_env: dict[str, str], root: Path) -> dict:
     """Cold request at once, then the same request `args.later` seconds after it was sent."""
     from gradio_client import Client
 
     inputs = generate_inputs("face", 0, args.steps, args.images, DEFAULT_SAMPLER, DEFAULT_GUIDANCE)
-    with served_app(args.model, extra_env=extra_env) as server:
+    with served_app(args.model, extra_env=extra_env, root=root) as server:
         sent = time.perf_counter()
         client = Client(server.url, verbose=False)  # reads the app's config: part of a user's first click
         timed_request(client, inputs)

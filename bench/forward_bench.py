@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from modes import autocast, compiled_blocks
 from mrdit.compiled import FastForward
@@ -24,14 +23,6 @@ def forward_inputs(c: ModelConfig, batch: int, device: torch.device, shared_time
     x = torch.randn(batch, c.channels, c.image_size, c.image_size, device=device)
     t = torch.full((1 if shared_time else batch,), c.schedule.num_steps / 2, device=device)
     return x, t, torch.zeros(batch, dtype=torch.long, device=device)
-
-
-def forward_flops(model: torch.nn.Module, batch: int, device: torch.device) -> float:
-    """FLOPs of one forward (matmuls, convolutions, attention) by torch.utils.flop_counter."""
-    x, t, y = forward_inputs(model.config, batch, device, shared_time=False)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x, t, y)
-    return float(fc.get_total_flops())
 
 
 def top_kernels(fn: Callable[[], object], device: torch.device, rows: int = 15) -> tuple[list[dict], str]:

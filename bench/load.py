@@ -17,6 +17,7 @@ import statistics
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
@@ -138,14 +139,16 @@ def under_watch(proc: psutil.Process, fn) -> tuple[object, int, int]:
         w.join()
 
 
-def measure_server(args: argparse.Namespace, extra_env: dict[str, str]) -> dict:
-    """One served app under load: warmed by one request, its background compile left to finish, then
-    `args.users` users for `args.seconds`; counts, latencies and memory."""
-    with served_app(args.model, extra_env=extra_env) as server:
+def measure_server(args: argparse.Namespace, extra_env: dict[str, str], root: Path) -> dict:
+    """One served app (the checkout at `root`) under load: warmed by one request, its background
+    compile left to finish (unless `args.no_settle`), then `args.users` users for `args.seconds`;
+    counts, latencies and memory."""
+    with served_app(args.model, extra_env=extra_env, root=root) as server:
         from gradio_client import Client
 
         Client(server.url, verbose=False).predict(**generate_inputs("face", 0, 2, 1, "ddim"), api_name="/generate")
-        wait_until_idle(server.process)
+        if not args.no_settle:
+            wait_until_idle(server.process)
         load = lambda: run_load(server.url, args.users, args.seconds, args.steps, args.images)
         res, start_mem, peak = under_watch(server.process, load)
         alive = server.alive()
@@ -169,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     p = server_parser(__doc__, "e.g. MRDIT_BATCH=0: one request at a time, as before batching")
     p.add_argument("--users", type=int, default=16, help="concurrent users (at most 64)")
     p.add_argument("--seconds", type=float, default=60, help="duration (at most 600)")
+    p.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="start the load right after the warm-up request instead of once the server is quiet "
+        "(a background compile then runs during the load, as the first minute after a restart meets it)",
+    )
     args = p.parse_args(argv)
     if not 1 <= args.users <= 64 or not 1 <= args.seconds <= 600:
         p.error("--users must be in [1, 64] and --seconds in [1, 600]")

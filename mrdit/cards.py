@@ -149,6 +149,8 @@ class Evaluation:
     guidance_schedule: str = "constant"
     guidance_power: float = 1.0
     fd_floor: float
+    fd_low: float | None = None  # low-level Frechet distance (mrdit.judge.low_level_features); None before it
+    fd_low_floor: float | None = None
     near_copies: float | None = None  # the memorisation check (mrdit.judge.near_copies); None before it
     near_copies_reference: float | None = None
     near_copy_threshold: float | None = None
@@ -397,6 +399,16 @@ def quality_table(ev: Evaluation) -> str:
     rows += [
         ("Frechet distance to the validation split (judge features)", f"{ev.fd:.2f}"),
         ("the same distance, train split vs validation split (floor)", f"{ev.fd_floor:.2f}"),
+    ]
+    if ev.fd_low is not None and ev.fd_low_floor is not None:
+        rows.append(
+            (
+                "low-level Frechet distance (statistics of the judge's first layer: blur, speckle, colour "
+                "noise), with its floor",
+                f"{ev.fd_low:.2f} (floor {ev.fd_low_floor:.2f}, {ev.fd_low / ev.fd_low_floor:.2f}x)",
+            )
+        )
+    rows += [
         (
             "near-copies: samples at least as close to a training image (judge features) as the closest "
             f"{NEAR_COPY_QUANTILE:.0%} of real validation emoji are",

@@ -178,6 +178,20 @@ def features_of(clf: EmojiClassifier, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([clf.features(x[i : i + 256]) for i in range(0, len(x), 256)])
 
 
+@torch.no_grad()
+def low_level_features(clf: EmojiClassifier, x: torch.Tensor) -> torch.Tensor:
+    """Statistics of the judge's first layer (3x3 convolution, normalisation, ReLU at full resolution):
+    each of its 32 channels' mean and standard deviation over the image, (B, 64). Their Frechet distance
+    rises with blur, speckle and colour noise, which the pooled penultimate features hardly see."""
+    first = clf.body[0][:3]
+
+    def stats(chunk: torch.Tensor) -> torch.Tensor:
+        h = first(chunk)  # (b, 32, S, S)
+        return torch.cat([h.mean((2, 3)), h.std((2, 3))], dim=1)
+
+    return torch.cat([stats(x[i : i + 256]) for i in range(0, len(x), 256)])
+
+
 def to_size(x: torch.Tensor, size: int) -> torch.Tensor:
     """Images (B, C, H, W) at the judge's size: area-averaged down (or bilinear up) when they differ."""
     if x.shape[-1] == size:

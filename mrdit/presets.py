@@ -102,6 +102,34 @@ def baseline_32(num_classes: int = 13) -> ModelConfig:
     )
 
 
+def pair_dimr_32(num_classes: int = 13) -> ModelConfig:
+    """DiMR of the matched pair: emoji-32's 8x8 transformer with one-block ConvNeXt branches at 16x16
+    (width 48) and 32x32 (width 16); within 5% of `pair-baseline-32` in parameters and compute per image."""
+    return ModelConfig(
+        branches=(_transformer(128, 5, 4, 8, 4), _convnext(48, 1, 16, 2), _convnext(16, 1, 32, 1)),
+        channels=3,
+        image_size=32,
+        num_classes=num_classes,
+        loss_weights=(0.25, 0.5, 1.0),
+        schedule=ScheduleConfig("cosine"),
+    )
+
+
+def pair_baseline_32(num_classes: int = 13) -> ModelConfig:
+    """Single-resolution baseline of the matched pair, as the paper's ablation starts (U-ViT-M/4): one
+    transformer on the same 8x8 grid of 4x4 patches with a linear unpatchify head, widened (128 -> 144)
+    to spend what `pair-dimr-32` spends on its finer branches."""
+    return ModelConfig(
+        branches=(_transformer(144, 5, 4, 8, 4),),
+        channels=3,
+        image_size=32,
+        num_classes=num_classes,
+        loss_weights=(1.0,),
+        schedule=ScheduleConfig("cosine"),
+        architecture="unpatchify",
+    )
+
+
 def tiny(channels: int = 3, image_size: int = 16, num_classes: int = 5) -> ModelConfig:
     """A very small 3-branch model for tests and smoke runs."""
     g = image_size // 4
@@ -121,6 +149,8 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "emoji-32": emoji_32,
     "emoji-64": emoji_64,
     "baseline-32": baseline_32,
+    "pair-dimr-32": pair_dimr_32,
+    "pair-baseline-32": pair_baseline_32,
     "tiny": tiny,
 }
 

@@ -155,3 +155,15 @@ def test_app_latency_times_the_served_app_through_its_api(tmp_path):
 def test_every_bench_script_has_a_help(script):
     r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("usage:"), r.stderr[-2000:]
+
+
+def test_a_baseline_revision_is_exported_whole_and_a_bad_one_is_a_clear_error():
+    app_server = bench_module("app_server")
+    head = subprocess.run(["git", "-C", str(ROOT), "show", "HEAD:app.py"], capture_output=True, text=True, check=True)
+    with app_server.exported_revision("HEAD") as root:
+        assert (root / "app.py").read_text() == head.stdout
+        assert (root / "mrdit" / "__init__.py").is_file() and (root / "weights").is_dir()
+    assert not root.exists()  # removed with the block
+    with pytest.raises(SystemExit, match="cannot export git revision 'no-such-rev'"):
+        with app_server.exported_revision("no-such-rev"):
+            pass

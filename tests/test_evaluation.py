@@ -198,3 +198,18 @@ def test_a_tuning_run_writes_nothing_into_the_model(tmp_path, emoji_data):
     assert record.tuning and record.first_seed == 0
     assert record.protocol_problems() == ["measured on tuning seeds (--tuning)"]
     assert 0 <= record.near_copies <= 1 and record.classifier_val_images == len(load_emoji(emoji_data, "val", 16))
+
+
+def test_low_level_distance_sees_speckle_on_smooth_images():
+    torch.manual_seed(0)
+    clf = judge.EmojiClassifier(12).eval()  # a fixed first layer; trained or not, noise moves its statistics
+
+    def smooth(n: int) -> torch.Tensor:  # low-frequency images in [-1, 1]
+        return torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4) * 2 - 1, size=16, mode="bilinear")
+
+    ref, other = smooth(400), smooth(400)
+    low = lambda x: judge.low_level_features(clf, x)  # noqa: E731
+    assert low(ref).shape == (400, 64)
+    clean = judge.frechet_distance(low(other), low(ref))
+    speckled = judge.frechet_distance(low((other + 0.3 * torch.randn_like(other)).clamp(-1, 1)), low(ref))
+    assert speckled > 5 * clean, (speckled, clean)

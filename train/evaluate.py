@@ -58,6 +58,7 @@ from mrdit.judge import (
     frechet_distance,
     judge_real,
     judge_recipe,
+    low_level_features,
     near_copies,
     per_class_accuracy,
     protocol_problems,
@@ -100,6 +101,7 @@ def evaluate(model_dir: Path, judge: Judge, per_class: int, first_seed: int, sam
         "accuracy": float((pred == y).float().mean()),
         "per_class_accuracy": per_class_accuracy(pred, y, pipe.class_names),
         "fd": frechet_distance(features, judge.val_features),
+        "fd_low": frechet_distance(low_level_features(judge.clf, x), judge.val_low_features),
         "near_copies": copies.share,
         "near_copies_reference": copies.reference,
         "near_copy_threshold": copies.threshold,
@@ -232,6 +234,8 @@ class Judge:
     train_features: torch.Tensor  # (N_train, 64)
     val_features: torch.Tensor  # (N_val, 64)
     fd_floor: float  # Frechet distance, training split vs validation split
+    val_low_features: torch.Tensor  # (N_val, 64): first-layer statistics (mrdit.judge.low_level_features)
+    fd_low_floor: float  # the low-level Frechet distance, training split vs validation split
     val_accuracy: float
     val_per_class: dict[str, float | None]
     val_per_class_images: dict[str, int]
@@ -253,10 +257,13 @@ def make_judge(p: argparse.ArgumentParser, data: Path, size: int, epochs: int) -
     ft = features_of(clf, train.batch(torch.arange(len(train)))[0])
     fv = features_of(clf, val.batch(torch.arange(len(val)))[0])
     floor = frechet_distance(ft, fv)
+    low_t = low_level_features(clf, train.batch(torch.arange(len(train)))[0])
+    low_v = low_level_features(clf, val.batch(torch.arange(len(val)))[0])
+    low_floor = frechet_distance(low_t, low_v)
     recipe = judge_recipe(epochs, train)
     print(
         f"judge version {recipe['judge_recipe']!r}, {epochs} epochs: accuracy on the real validation split "
-        f"{val_acc * 100:.1f}% of {len(val)}; FD floor (train vs val): {floor:.2f}"
+        f"{val_acc * 100:.1f}% of {len(val)}; FD floor (train vs val): {floor:.2f}, low-level {low_floor:.2f}"
     )
     train_acc, train_per_class = judge_real(clf, train)
     print(
@@ -265,7 +272,20 @@ def make_judge(p: argparse.ArgumentParser, data: Path, size: int, epochs: int) -
     )
     counts = {name: int((val.labels == c).sum()) for c, name in enumerate(val.class_names)}
     return Judge(
-        clf, size, val.class_names, ft, fv, floor, val_acc, val_per_class, counts, train_acc, train_per_class, recipe
+        clf,
+        size,
+        val.class_names,
+        ft,
+        fv,
+        floor,
+        low_v,
+        low_floor,
+        val_acc,
+        val_per_class,
+        counts,
+        train_acc,
+        train_per_class,
+        recipe,
     )
 
 
@@ -287,6 +307,7 @@ def evaluation_record(measured: dict, judge: Judge, command: str, hardware: str,
         | {
             "tuning": tuning,
             "fd_floor": judge.fd_floor,
+            "fd_low_floor": judge.fd_low_floor,
             "classifier_val_accuracy": judge.val_accuracy,
             "classifier_val_images": judge.val_images,
             "classifier_val_per_class_accuracy": judge.val_per_class,
@@ -308,12 +329,12 @@ def print_results(rows: list[tuple[str, Evaluation]], judge: Judge) -> None:
     print(f"\njudge version {first.judge_version!r}, {seeds_text(first)}, {first.samples_per_class} per class")
     print(
         f"\n| model | accuracy | judge on real validation emoji | FD (floor {judge.fd_floor:.2f}) | "
-        "near-copies | s / image |\n|---|---|---|---|---|---|"
+        f"low-level FD (floor {judge.fd_low_floor:.2f}) | near-copies | s / image |\n|---|---|---|---|---|---|---|"
     )
     for name, r in rows:
         print(
-            f"| {name} | {accuracy_text(r)} | {judge_accuracy_text(r)} | {r.fd:.2f} | {near_copies_text(r)} | "
-            f"{r.sec_per_image:.3f} |"
+            f"| {name} | {accuracy_text(r)} | {judge_accuracy_text(r)} | {r.fd:.2f} | {r.fd_low:.2f} | "
+            f"{near_copies_text(r)} | {r.sec_per_image:.3f} |"
         )
     print("\n" + per_class_table(rows, judge))
 
