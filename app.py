@@ -40,7 +40,7 @@ from PIL import Image
 from mrdit.cards import EMOJI_CREDITS
 from mrdit.checkpoint import REPO_ID, CheckpointError
 from mrdit.classes import read_synonyms
-from mrdit.cost import forward_flops
+from mrdit.cost import forward_flops, model_cost
 from mrdit.hubguard import fetch_model
 from mrdit.interventions import BranchGuidance, FreezeCoarse, SwapCoarse, plan_swap
 from mrdit.measures import band_names, band_split, new_detail_shares, settling_curves
@@ -936,18 +936,31 @@ def tdln_frame(curves: TDCurves, gates: bool = False) -> pd.DataFrame:
 # Events: Compare
 
 BASELINE = os.environ.get("MRDIT_BASELINE", "baseline-emoji-32")
+PAIR_DIMR, PAIR_BASELINE = "pair-dimr-", "pair-baseline-"  # the matched pair's folders: docs/matched-pair.md
+
+
+def baseline_for(model) -> str:
+    """The baseline a DiMR model is compared with: for a model of the matched pair (`pair-dimr-32-s0`) its
+    partner trained on the same budget (`pair-baseline-32-s0`), for any other BASELINE."""
+    name = Path(str(model)).name
+    if name.startswith(PAIR_DIMR):
+        partner = PAIR_BASELINE + name[len(PAIR_DIMR) :]
+        if (WEIGHTS / partner / "config.json").is_file():
+            return partner
+    return BASELINE
 
 
 def _compare_pipes(model) -> tuple[Pipeline, Pipeline]:
+    baseline = baseline_for(model)
     try:
-        dimr, base = MODELS.get(model), MODELS.get(BASELINE)
+        dimr, base = MODELS.get(model), MODELS.get(baseline)
     except Exception as e:
         raise _gr_error(e) from None
     if dimr.config.architecture != "dimr":
         raise gr.Error("Pick a DiMR model in the Model box to compare it with the baseline.", print_exception=False)
     same = dimr.class_names == base.class_names and dimr.config.image_size == base.config.image_size
     if not same:
-        raise gr.Error(f"The baseline {BASELINE} is trained on other data; compare it with an emoji model of its size.", print_exception=False)
+        raise gr.Error(f"The baseline {baseline} is trained on other data; compare it with an emoji model of its size.", print_exception=False)
     return dimr, base
 
 
@@ -996,14 +1009,39 @@ def compare(class_label, seed, steps, guidance, sampler, num_images=2, model=DEF
         except Exception as e:
             raise _gr_error(e) from None
         runs.append(run)
-    matched = abs(mflops(dimr) / mflops(base) - 1) <= 0.1
-    status = (
-        f"DiMR {training_line(dimr)} · baseline {training_line(base)}. "
-        + ("Matched in compute, not in size or training" if matched else "Not matched in size, compute or training")
-        + " (the baseline's card): this shows the two designs side by side, not which is better."
-    )
+    status = f"DiMR {training_line(dimr)} · baseline {training_line(base)}. {match_text(dimr, base)}"
     last = runs[0].traj.frames[-1].step
     return compare_sheet(runs, last), status, runs, gr.update(minimum=1, maximum=max(last, 2), value=last, interactive=True)
+
+
+def match_text(dimr: Pipeline, base: Pipeline) -> str:
+    """Whether the two are matched in parameters and compute per image (within 10%) and in training
+    (the same optimiser steps at the same batch), and what a reader may conclude from the comparison."""
+    a, b = [model_cost(p.model) for p in (dimr, base)]
+    runs = [run_record(p) for p in (dimr, base)]
+    same = {
+        "parameters": abs(a.params / b.params - 1) <= 0.1,
+        "compute per image": abs(a.flops_per_image / b.flops_per_image - 1) <= 0.1,
+        "training": runs[0] is not None and runs[0] == runs[1],
+    }
+    if all(same.values()):
+        return (
+            "Matched in parameters, compute per image and training (the matched pair, docs/matched-pair.md): which is "
+            "better is measured over seeds in the models' cards, not by one run here."
+        )
+    yes, no = [k for k, v in same.items() if v], [k for k, v in same.items() if not v]
+    head = f"Matched in {' and '.join(yes)}, not in {' or '.join(no)}" if yes else f"Not matched in {', '.join(no)}"
+    return head + " (the baseline's card): this shows the two designs side by side, not which is better."
+
+
+def run_record(pipe: Pipeline) -> tuple[int, int] | None:
+    """(optimiser steps over the model's whole lineage, batch size) from its run_info.json; None if unknown."""
+    try:
+        info = json.loads((resolve_model(pipe.name) / "run_info.json").read_text())
+    except (OSError, ValueError, InputError):
+        return None
+    steps, batch = lineage_steps(info), info.get("batch_size") if isinstance(info, dict) else None
+    return (steps, batch) if steps and isinstance(batch, int) else None
 
 
 def compare_sheet(runs: list[Run], step: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 
@@ -117,6 +118,23 @@ def test_compare_runs_dimr_and_the_baseline_side_by_side(weights):
     assert not np.array_equal(app.compare_scrub(1, runs), sheet)
     with pytest.raises(gr.Error, match="DiMR model"):
         app.compare("face", 5, 3, 2.0, "ddim", 1, "base")
+
+
+def test_a_pair_model_is_compared_with_its_matched_partner(weights):
+    import json
+
+    for src, name in (("tiny", "pair-dimr-t-s0"), ("base", "pair-baseline-t-s0")):
+        shutil.copytree(weights / src, weights / name, dirs_exist_ok=True)
+        (weights / name / "run_info.json").write_text(json.dumps({"step": 100, "batch_size": 8}))
+    assert app.baseline_for("pair-dimr-t-s0") == "pair-baseline-t-s0"
+    assert app.baseline_for("pair-dimr-t-s1") == app.BASELINE  # no partner folder: the usual baseline
+    assert app.baseline_for("tiny") == app.BASELINE
+    _, status, _, _ = app.compare("face", 5, 2, 2.0, "ddim", 1, "pair-dimr-t-s0")
+    matched, _, unmatched = status.rpartition("Matched in ")[2].partition(", not in ")
+    assert "training" in matched and "parameters" in unmatched  # same steps and batch; the tiny pair differs in size
+    (weights / "pair-baseline-t-s0" / "run_info.json").write_text(json.dumps({"step": 99, "batch_size": 8}))
+    _, status, _, _ = app.compare("face", 5, 2, 2.0, "ddim", 1, "pair-dimr-t-s0")
+    assert re.search(r"(not|Not matched) in [^(]*training", status), status
 
 
 def test_experiment_attention_and_tdln_through_gradio_client(weights):
