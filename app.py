@@ -1231,9 +1231,10 @@ def _compare_tab() -> dict:
     c = {}
     gr.Markdown(
         f"**DiMR beside a single-resolution model.** The same class, seeds, sampler, steps and guidance through the "
-        f"selected DiMR model and the single-resolution baseline `{BASELINE}` (one transformer on a 16x16 patch grid "
-        "with a linear unpatchify head), step by step. The shipped pair is matched in compute per image (257 and 269 "
-        "MFLOP), not in parameters (0.53M and 1.69M) or training (about 22x more images for DiMR): see the baseline's card."
+        f"selected DiMR model and a single-resolution baseline (one transformer, linear unpatchify head), step by step. "
+        f"`mrdit-emoji-32` runs beside `{BASELINE}`: matched in compute per image, not in parameters or training (its "
+        "card). Pick `pair-dimr-32-s0` or `-s1` in the Model box to run the matched pair: the same parameters and "
+        "compute within 5%, the same data, recipe and steps (docs/matched-pair.md)."
     )
     c["run"] = gr.Button("Run both", variant="primary")
     c["status"] = gr.Markdown(elem_id="cmp_status")
