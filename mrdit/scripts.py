@@ -15,6 +15,7 @@ CHECKOUT_SCRIPTS = {
     "mrdit-train": "train.py",
     "mrdit-export": "export.py",
     "mrdit-evaluate": "evaluate.py",
+    "mrdit-compare-pair": "compare_pair.py",
     "mrdit-prepare-emoji": "prepare_emoji.py",
     "mrdit-init-grown": "init_grown.py",
     "mrdit-encode-latents": "encode_latents.py",
@@ -56,6 +57,7 @@ def _entry(name: str):
 train = _entry("mrdit-train")
 export = _entry("mrdit-export")
 evaluate = _entry("mrdit-evaluate")
+compare_pair = _entry("mrdit-compare-pair")
 prepare_emoji = _entry("mrdit-prepare-emoji")
 init_grown = _entry("mrdit-init-grown")
 encode_latents = _entry("mrdit-encode-latents")
