@@ -40,7 +40,7 @@ from PIL import Image
 from mrdit.cards import EMOJI_CREDITS
 from mrdit.checkpoint import REPO_ID, CheckpointError
 from mrdit.classes import read_synonyms
-from mrdit.cost import forward_flops, model_cost
+from mrdit.cost import forward_flops
 from mrdit.hubguard import fetch_model
 from mrdit.interventions import BranchGuidance, FreezeCoarse, SwapCoarse, plan_swap
 from mrdit.measures import band_names, band_split, new_detail_shares, settling_curves
@@ -1016,13 +1016,13 @@ def compare(class_label, seed, steps, guidance, sampler, num_images=2, model=DEF
 
 def match_text(dimr: Pipeline, base: Pipeline) -> str:
     """Whether the two are matched in parameters and compute per image (within 10%) and in training
-    (the same optimiser steps at the same batch), and what a reader may conclude from the comparison."""
-    a, b = [model_cost(p.model) for p in (dimr, base)]
+    (the same optimiser steps, batch and recipe), and what a reader may conclude from the comparison."""
+    params = [sum(p.numel() for p in pipe.model.parameters()) for pipe in (dimr, base)]
     runs = [run_record(p) for p in (dimr, base)]
     same = {
-        "parameters": abs(a.params / b.params - 1) <= 0.1,
-        "compute per image": abs(a.flops_per_image / b.flops_per_image - 1) <= 0.1,
-        "training": runs[0] is not None and runs[0] == runs[1],
+        "parameters": abs(params[0] / params[1] - 1) <= 0.1,
+        "compute per image": abs(mflops(dimr) / mflops(base) - 1) <= 0.1,
+        "training (steps, batch and recipe)": runs[0] is not None and runs[0] == runs[1],
     }
     if all(same.values()):
         return (
@@ -1034,14 +1034,18 @@ def match_text(dimr: Pipeline, base: Pipeline) -> str:
     return head + " (the baseline's card): this shows the two designs side by side, not which is better."
 
 
-def run_record(pipe: Pipeline) -> tuple[int, int] | None:
-    """(optimiser steps over the model's whole lineage, batch size) from its run_info.json; None if unknown."""
+def run_record(pipe: Pipeline) -> tuple[int, int, str] | None:
+    """(optimiser steps over the model's whole lineage, batch size, recipe) from its run_info.json; None if
+    unknown."""
     try:
         info = json.loads((resolve_model(pipe.name) / "run_info.json").read_text())
     except (OSError, ValueError, InputError):
         return None
-    steps, batch = lineage_steps(info), info.get("batch_size") if isinstance(info, dict) else None
-    return (steps, batch) if steps and isinstance(batch, int) else None
+    if not isinstance(info, dict):
+        return None
+    steps, batch = lineage_steps(info), info.get("batch_size")
+    recipe = json.dumps(info.get("recipe"), sort_keys=True)
+    return (steps, batch, recipe) if steps and isinstance(batch, int) else None
 
 
 def compare_sheet(runs: list[Run], step: int) -> np.ndarray:

@@ -154,6 +154,7 @@ def measure_server(args: argparse.Namespace, extra_env: dict[str, str], root: Pa
         alive = server.alive()
     return res | {
         "env": extra_env,
+        "no_settle": args.no_settle,
         "users": args.users,
         "seconds": args.seconds,
         "requests_per_s": res["completed"] / args.seconds,

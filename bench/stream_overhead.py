@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
+    if args.baseline_rev is not None:
+        p.error("--baseline-rev is not supported here: both servers run this checkout, alternating")
     baseline_env = env_pairs(["MRDIT_PREVIEWS=0"] if args.baseline_env is None else args.baseline_env)
     print_config(args)
     from gradio_client import Client

@@ -405,7 +405,7 @@ def quality_table(ev: Evaluation) -> str:
             (
                 "low-level Frechet distance (statistics of the judge's first layer: blur, speckle, colour "
                 "noise), with its floor",
-                f"{ev.fd_low:.2f} (floor {ev.fd_low_floor:.2f}, {ev.fd_low / ev.fd_low_floor:.2f}x)",
+                f"{ev.fd_low:.3f} (floor {ev.fd_low_floor:.3f}, {ev.fd_low / ev.fd_low_floor:.1f}x)",
             )
         )
     rows += [

@@ -132,6 +132,11 @@ def test_a_pair_model_is_compared_with_its_matched_partner(weights):
     _, status, _, _ = app.compare("face", 5, 2, 2.0, "ddim", 1, "pair-dimr-t-s0")
     matched, _, unmatched = status.rpartition("Matched in ")[2].partition(", not in ")
     assert "training" in matched and "parameters" in unmatched  # same steps and batch; the tiny pair differs in size
+    for name in ("pair-dimr-u-s0", "pair-baseline-u-s0"):  # one network twice: matched in everything
+        shutil.copytree(weights / "tiny", weights / name, dirs_exist_ok=True)
+        (weights / name / "run_info.json").write_text(json.dumps({"step": 100, "batch_size": 8}))
+    _, status, _, _ = app.compare("face", 5, 2, 2.0, "ddim", 1, "pair-dimr-u-s0")
+    assert "Matched in parameters, compute per image and training" in status
     (weights / "pair-baseline-t-s0" / "run_info.json").write_text(json.dumps({"step": 99, "batch_size": 8}))
     _, status, _, _ = app.compare("face", 5, 2, 2.0, "ddim", 1, "pair-dimr-t-s0")
     assert re.search(r"(not|Not matched) in [^(]*training", status), status

@@ -167,3 +167,21 @@ def test_a_baseline_revision_is_exported_whole_and_a_bad_one_is_a_clear_error():
     with pytest.raises(SystemExit, match="cannot export git revision 'no-such-rev'"):
         with app_server.exported_revision("no-such-rev"):
             pass
+
+
+def test_the_baseline_revision_is_measured_first_from_its_own_folder():
+    import argparse
+
+    app_server = bench_module("app_server")
+    seen = []
+
+    def measure(args, env, root):
+        seen.append((env, root, (root / "app.py").is_file()))
+        return {"ok": True}
+
+    args = argparse.Namespace(baseline_rev="HEAD", baseline_env=["MRDIT_BATCH=0"], env=["MRDIT_BATCH=1"])
+    runs = app_server.baseline_then_measured(args, measure)
+    assert runs == {"baseline": {"ok": True, "rev": "HEAD"}, "measured": {"ok": True}}
+    (base_env, base_root, base_app), (env, root, _) = seen
+    assert base_env == {"MRDIT_BATCH": "0"} and env == {"MRDIT_BATCH": "1"}
+    assert base_root != app_server.ROOT and base_app and root == app_server.ROOT

@@ -54,3 +54,16 @@ def test_the_script_reports_from_records_and_refuses_mixed_protocols(tmp_path):
     path.write_text(json.dumps(records))
     r = subprocess.run([*cmd, "--a", "a0", "a1", "--b", "b0", "b1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "differ in guidance" in r.stderr
+
+
+def test_records_from_several_files_and_unreportable_records_refused(tmp_path):
+    cmd = [sys.executable, str(ROOT / "train" / "compare_pair.py"), "--a", "a0", "a1", "--b", "b0", "b1", "--records"]
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({f"a{i}": r.to_dict() for i, r in enumerate(runs(0.8, 0.82))}))
+    second.write_text(json.dumps({f"b{i}": r.to_dict() for i, r in enumerate(runs(0.3, 0.35))}))
+    r = subprocess.run([*cmd, str(first), str(second)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "**DiMR better**" in r.stdout, r.stderr
+    tuning = {f"b{i}": _record(accuracy=a, tuning=True, first_seed=0).to_dict() for i, a in enumerate((0.3, 0.35))}
+    second.write_text(json.dumps(tuning))
+    r = subprocess.run([*cmd, str(first), str(second)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "may not be reported: measured on tuning seeds" in r.stderr

@@ -3,12 +3,13 @@
     python train/compare_pair.py --a weights/pair-dimr-32-s0 weights/pair-dimr-32-s1 \
         --b weights/pair-baseline-32-s0 weights/pair-baseline-32-s1
 
-Reads each model directory's `eval.json` (written by train/evaluate.py; `--records FILE` reads the
-records of `evaluate.py --json` instead, by directory name) and prints, as Markdown, every model's
+Reads each model directory's `eval.json` (written by train/evaluate.py; `--records FILE [FILE ...]`
+reads the records of `evaluate.py --json` instead, by directory name) and prints, as Markdown, every model's
 numbers and, per metric, the verdict: a design is better when every one of its seeds is better than
 every seed of the other and, for class accuracy, the 95% Wilson intervals of the two designs' pooled
 accuracies do not overlap; otherwise the comparison is not decided. The records must come from one
-protocol (judge version, seeds, sample count, sampling settings), or the script refuses.
+protocol and judge (version, floors, seeds, sample count, sampling settings) and be reportable, or the
+script refuses.
 """
 
 from __future__ import annotations
@@ -36,7 +37,23 @@ METRICS = (
     Metric("Frechet distance (judge features)", lambda e: e.fd, False),
     Metric("low-level Frechet distance", lambda e: e.fd_low, False),
 )
-SAME_PROTOCOL = ("judge_version", "first_seed", "samples_per_class", "steps", "guidance", "sampler", "judge_size")
+# Fields every compared record shares: the protocol, the sampling settings and the very judge (a judge of
+# one version trained again scores differently, so its floors and validation accuracy must agree too).
+SAME_PROTOCOL = (
+    "judge_version",
+    "first_seed",
+    "samples_per_class",
+    "steps",
+    "guidance",
+    "sampler",
+    "guidance_schedule",
+    "guidance_power",
+    "judge_size",
+    "tuning",
+    "fd_floor",
+    "fd_low_floor",
+    "classifier_val_accuracy",
+)
 
 
 def pooled_interval(evals: list[Evaluation]) -> tuple[float, float, float, int]:
@@ -107,13 +124,26 @@ def _number(x: float | None) -> str:
 
 
 def load(dirs: list[Path], records: dict[str, dict] | None) -> dict[str, Evaluation]:
+    """Each directory's record (from `records` by directory name, or its eval.json); a record the
+    protocol does not let one report (tuning seeds, too few samples) ends the script."""
     out = {}
     for d in dirs:
         ev = Evaluation.from_dict(records[d.name]) if records is not None else read_evaluation(d)
         if ev is None:
             raise SystemExit(f"error: {d} has no eval.json; run train/evaluate.py on it first")
+        problems = ev.protocol_problems()
+        if problems:
+            raise SystemExit(f"error: the record of {d.name} may not be reported: {'; '.join(problems)}")
         out[d.name] = ev
     return out
+
+
+def read_records(paths: list[Path]) -> dict[str, dict]:
+    """The records of one or more `evaluate.py --json` files, by directory name (later files win)."""
+    merged: dict[str, dict] = {}
+    for path in paths:
+        merged |= json.loads(path.read_text())
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,11 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--a", type=Path, nargs="+", required=True, help="model directories of design A (one per seed)")
     p.add_argument("--b", type=Path, nargs="+", required=True, help="model directories of design B (one per seed)")
     p.add_argument("--names", nargs=2, default=("DiMR", "baseline"), metavar=("A", "B"))
-    p.add_argument("--records", type=Path, help="the JSON of `evaluate.py --json` instead of each eval.json")
+    p.add_argument(
+        "--records", type=Path, nargs="+", help="the JSON files of `evaluate.py --json`, instead of each eval.json"
+    )
     args = p.parse_args(argv)
     print("config:", json.dumps({k: str(v) for k, v in vars(args).items()}))
     try:
-        records = json.loads(args.records.read_text()) if args.records else None
+        records = read_records(args.records) if args.records else None
         a, b = load(args.a, records), load(args.b, records)
     except (OSError, ValueError, KeyError, CardError) as e:
         p.error(f"cannot read the records: {e}")

@@ -263,7 +263,7 @@ def make_judge(p: argparse.ArgumentParser, data: Path, size: int, epochs: int) -
     recipe = judge_recipe(epochs, train)
     print(
         f"judge version {recipe['judge_recipe']!r}, {epochs} epochs: accuracy on the real validation split "
-        f"{val_acc * 100:.1f}% of {len(val)}; FD floor (train vs val): {floor:.2f}, low-level {low_floor:.2f}"
+        f"{val_acc * 100:.1f}% of {len(val)}; FD floor (train vs val): {floor:.2f}, low-level {low_floor:.3f}"
     )
     train_acc, train_per_class = judge_real(clf, train)
     print(
@@ -329,11 +329,11 @@ def print_results(rows: list[tuple[str, Evaluation]], judge: Judge) -> None:
     print(f"\njudge version {first.judge_version!r}, {seeds_text(first)}, {first.samples_per_class} per class")
     print(
         f"\n| model | accuracy | judge on real validation emoji | FD (floor {judge.fd_floor:.2f}) | "
-        f"low-level FD (floor {judge.fd_low_floor:.2f}) | near-copies | s / image |\n|---|---|---|---|---|---|---|"
+        f"low-level FD (floor {judge.fd_low_floor:.3f}) | near-copies | s / image |\n|---|---|---|---|---|---|---|"
     )
     for name, r in rows:
         print(
-            f"| {name} | {accuracy_text(r)} | {judge_accuracy_text(r)} | {r.fd:.2f} | {r.fd_low:.2f} | "
+            f"| {name} | {accuracy_text(r)} | {judge_accuracy_text(r)} | {r.fd:.2f} | {r.fd_low:.3f} | "
             f"{near_copies_text(r)} | {r.sec_per_image:.3f} |"
         )
     print("\n" + per_class_table(rows, judge))
