@@ -9,8 +9,9 @@ version, held-out seeds, sample counts, the memorisation check) are in docs/eval
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,10 +37,34 @@ REPORT_MIN_PER_CLASS = 50
 NEAR_COPY_QUANTILE = 0.05  # the memorisation check's threshold, as a quantile of real validation images' distances
 
 
-class EmojiClassifier(nn.Module):
-    """A small CNN; its 64-d penultimate layer is the feature space for the Frechet distance."""
+@dataclass(frozen=True)
+class Recipe:
+    """How a judge is trained. `fine`: a second head learns every image's emoji.json subcategory (99 finer
+    labels), so the features must tell a teapot from a cup; `others`: the base emoji of no class (about
+    3,000 images) are learnt too, through that head; `strong`: random scale, rotation, shift, contrast,
+    blur and noise instead of the light noise and shift."""
 
-    def __init__(self, num_classes: int) -> None:
+    fine: bool = True
+    others: bool = True
+    strong: bool = True
+    epochs: int = JUDGE_EPOCHS
+
+
+# The recipes train/choose_judge.py compared on a held-out fold of the training split (docs/evaluation.md);
+# JUDGE_RECIPE names the one chosen.
+RECIPES = {
+    "2: cosine": Recipe(fine=False, others=False, strong=False),
+    "3: subcategories": Recipe(fine=True, others=True, strong=False),
+    "3: subcategories, strong": Recipe(fine=True, others=True, strong=True),
+    "3: subcategories, strong, no others": Recipe(fine=True, others=False, strong=True),
+}
+
+
+class EmojiClassifier(nn.Module):
+    """A small CNN; its 64-d penultimate layer is the feature space for the Frechet distance. `head` gives
+    this project's classes; `fine_head`, when there is one, the subcategories it learnt from."""
+
+    def __init__(self, num_classes: int, num_fine: int = 0) -> None:
         super().__init__()
 
         def block(i, o):
@@ -56,6 +81,7 @@ class EmojiClassifier(nn.Module):
         self.body = nn.Sequential(block(3, 32), block(32, 64), block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.feat = nn.Sequential(nn.Linear(128, 64), nn.ReLU())
         self.head = nn.Linear(64, num_classes)
+        self.fine_head = nn.Linear(64, num_fine) if num_fine else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.feat(self.body(x))  # (B, 64)
@@ -64,29 +90,100 @@ class EmojiClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def train_classifier(train: TensorImageDataset, epochs: int, seed: int = 0) -> EmojiClassifier:
+@dataclass
+class JudgeImages:
+    """What a judge learns from: real images (N, 3, S, S) in [-1, 1], their class (-1 for an emoji of no
+    class), their subcategory, whether a flip keeps them what they are, and which emoji each one shows."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    fine: torch.Tensor
+    flip_ok: torch.Tensor
+    emoji: torch.Tensor
+    class_names: list[str]
+    num_fine: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, keep: torch.Tensor) -> JudgeImages:
+        return JudgeImages(
+            self.x[keep], self.labels[keep], self.fine[keep], self.flip_ok[keep], self.emoji[keep],
+            self.class_names, self.num_fine,
+        )  # fmt: skip
+
+
+def judge_images(data: Path, size: int, others: bool) -> JudgeImages:
+    """The training split at one size, and with `others` the emoji of no class (data/emoji/others.safetensors)."""
+    meta = json.loads((Path(data) / "classes.json").read_text())
+    if "subcategories" not in meta:
+        raise ValueError(f"{data} was prepared before the judge's subcategory labels: run train/prepare_emoji.py again")
+    names = [c["name"] for c in meta["classes"]]
+    no_flip = torch.tensor([not c["flip"] for c in meta["classes"]])
+    parts = []
+    for split in ("train", "others") if others else ("train",):
+        shard = load_file(str(Path(data) / f"{split}.safetensors"))
+        if f"images_{size}" not in shard:
+            raise ValueError(f"{data}/{split}.safetensors has no {size}px images (sizes: {meta.get('sizes')})")
+        labels, fine = shard["labels"], shard["subcategories"]
+        # flags and symbols (letters, signs) are not themselves mirrored
+        fine_no_flip = torch.tensor([n.split("/")[0] in ("Flags", "Symbols") for n in meta["subcategories"]])
+        flip_ok = ~fine_no_flip[fine] & ~torch.where(labels >= 0, no_flip[labels.clamp(min=0)], False)
+        x = shard[f"images_{size}"].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        parts.append((x, labels, fine, flip_ok, shard["emoji_ids"]))
+    x, labels, fine, flip_ok, emoji = (torch.cat(t) for t in zip(*parts))
+    return JudgeImages(x, labels, fine, flip_ok, emoji, names, len(meta["subcategories"]))
+
+
+def augment(x: torch.Tensor, flip_ok: torch.Tensor, strong: bool, g: torch.Generator) -> torch.Tensor:
+    """Training augmentation of real images (B, 3, S, S), so that samples (shifted, noisier, a little
+    blurred or off in contrast) are judged by what they show. Light: flips, noise 0.05, a shift of up
+    to 2 px. Strong: flips, scale 0.8-1.15, rotation up to 10 degrees, shift up to 10%, contrast and
+    brightness +-15%, a blur on a third of the images, noise of standard deviation up to 0.15."""
+    b = len(x)
+    flip = (torch.rand(b, generator=g) < 0.5) & flip_ok
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if not strong:
+        x = x + 0.05 * torch.randn(x.shape, generator=g)
+        return torch.roll(x, shifts=torch.randint(-2, 3, (2,), generator=g).tolist(), dims=(2, 3))
+    u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+    scale, angle, shift = 0.8 + 0.35 * u(b), (2 * u(b) - 1) * math.pi / 18, (2 * u(b, 2) - 1) * 0.1
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x - 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 1  # white outside
+    contrast, brightness = 0.85 + 0.3 * u(b, 1, 1, 1), 0.3 * u(b, 1, 1, 1) - 0.15
+    x = (x * contrast + brightness).clamp(-1, 1)
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    x = torch.where((u(b) < 1 / 3)[:, None, None, None], 0.5 * x + 0.5 * blurred, x)
+    return x + 0.15 * u(b, 1, 1, 1) * torch.randn(x.shape, generator=g)
+
+
+def train_classifier(images: JudgeImages, recipe: Recipe, seed: int = 0) -> EmojiClassifier:
     """AdamW at 2e-3 with a one-epoch warm-up and a cosine decay to zero, so that the judge ends
-    converged rather than wherever a constant rate leaves it (which also made it depend on the run)."""
+    converged rather than wherever a constant rate leaves it (which also made it depend on the run).
+    The class head learns from the images of a class; the subcategory head (`recipe.fine`) from all."""
     torch.manual_seed(seed)
-    clf = EmojiClassifier(len(train.class_names))
+    clf = EmojiClassifier(len(images.class_names), images.num_fine if recipe.fine else 0)
     opt = torch.optim.AdamW(clf.parameters(), lr=JUDGE_LR, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
-    n = len(train)
+    n = len(images)
     per_epoch = math.ceil(n / 64)
-    total, step = epochs * per_epoch, 0
-    for _ in tqdm(range(epochs), desc="classifier", unit="epoch"):
+    total, step = recipe.epochs * per_epoch, 0
+    for _ in tqdm(range(recipe.epochs), desc="judge", unit="epoch"):
         clf.train()
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, 64):
             for group in opt.param_groups:
                 group["lr"] = JUDGE_LR * min(1.0, (step + 1) / per_epoch) * 0.5 * (1 + math.cos(math.pi * step / total))
             idx = perm[i : i + 64]
-            x, y = train.batch(idx, torch.rand(len(idx), generator=g) < 0.5)
-            # light augmentation so that generated (slightly noisy, shifted) images are judged fairly
-            x = x + 0.05 * torch.randn(x.shape, generator=g)
-            shift = torch.randint(-2, 3, (2,), generator=g).tolist()
-            x = torch.roll(x, shifts=shift, dims=(2, 3))
-            loss = F.cross_entropy(clf(x), y, label_smoothing=0.05)
+            x = augment(images.x[idx], images.flip_ok[idx], recipe.strong, g)
+            y, fine = images.labels[idx], images.fine[idx]
+            h = clf.features(x)
+            known = y >= 0
+            loss = F.cross_entropy(clf.head(h[known]), y[known], label_smoothing=0.05) if known.any() else 0.0
+            if clf.fine_head is not None:
+                loss = loss + F.cross_entropy(clf.fine_head(h), fine, label_smoothing=0.05)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -102,25 +199,27 @@ def per_class_accuracy(pred: torch.Tensor, y: torch.Tensor, class_names: list[st
     }
 
 
-def judge_recipe(epochs: int, train: TensorImageDataset) -> dict[str, str]:
-    """What a cached classifier was trained with and on (recipe, epochs, the training split's size and
-    classes); a cache made any other way is retrained."""
+def judge_recipe(epochs: int, images: JudgeImages) -> dict[str, str]:
+    """What a cached classifier was trained with and on (recipe, epochs, the number of training images of
+    a class and of none, the classes); a cache made any other way is retrained."""
     return {
         "judge_recipe": JUDGE_RECIPE,
         "epochs": str(epochs),
-        "train_images": str(len(train)),
-        "classes": ",".join(train.class_names),
+        "train_images": str(int((images.labels >= 0).sum())),
+        "other_images": str(int((images.labels < 0).sum())),
+        "classes": ",".join(images.class_names),
     }
 
 
 def classifier(data: Path, size: int, epochs: int) -> tuple[EmojiClassifier, float, dict[str, float | None]]:
     """The cached classifier for a dataset (trained on first use, or again when the cache was made by
-    another recipe, epoch count or training split), its accuracy on the validation split and that accuracy per class:
-    how well the judge itself recognises real emoji of each class."""
-    train, val = load_emoji(data, "train", size), load_emoji(data, "val", size)
+    another recipe, epoch count or training data), its accuracy on the validation split and that accuracy
+    per class: how well the judge itself recognises real emoji of each class."""
+    chosen = RECIPES[JUDGE_RECIPE]
+    images, val = judge_images(data, size, chosen.others), load_emoji(data, "val", size)
     path = data / f"classifier-{size}.safetensors"
-    clf = EmojiClassifier(len(train.class_names))
-    recipe = judge_recipe(epochs, train)
+    clf = EmojiClassifier(len(images.class_names), images.num_fine if chosen.fine else 0)
+    recipe = judge_recipe(epochs, images)
     cached = None
     if path.is_file():
         try:
@@ -136,7 +235,7 @@ def classifier(data: Path, size: int, epochs: int) -> tuple[EmojiClassifier, flo
             print(
                 f"cached classifier {path} was trained with {cached or 'an older recipe'}, not {recipe}; training again"
             )
-        clf = train_classifier(train, epochs)
+        clf = train_classifier(images, replace(chosen, epochs=epochs))
         atomic_save_safetensors(clf.state_dict(), path, metadata=recipe)  # never a half-written cache
     pred, y = predictions(clf, val)
     return clf, float((pred == y).float().mean()), per_class_accuracy(pred, y, val.class_names)

@@ -844,14 +844,13 @@ def test_judge_cache_is_reused_only_for_its_recipe(tmp_path, emoji_data, capsys)
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from mrdit.data import load_emoji
-    from mrdit.judge import classifier, judge_recipe
+    from mrdit.judge import JUDGE_RECIPE, RECIPES, classifier, judge_images, judge_recipe
 
     data = tmp_path / "emoji"
     shutil.copytree(emoji_data, data)
     path = data / "classifier-16.safetensors"
     path.unlink(missing_ok=True)
-    train = load_emoji(data, "train", 16)
+    train = judge_images(data, 16, RECIPES[JUDGE_RECIPE].others)
 
     def recipe() -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:

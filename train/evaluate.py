@@ -50,12 +50,15 @@ from mrdit.data import load_emoji
 from mrdit.guidance import GUIDANCE_SCHEDULES
 from mrdit.judge import (
     JUDGE_EPOCHS,
+    JUDGE_RECIPE,
+    RECIPES,
     REPORT_FIRST_SEED,
     REPORT_MIN_PER_CLASS,
     EmojiClassifier,
     classifier,
     features_of,
     frechet_distance,
+    judge_images,
     judge_real,
     judge_recipe,
     low_level_features,
@@ -260,7 +263,7 @@ def make_judge(p: argparse.ArgumentParser, data: Path, size: int, epochs: int) -
     low_t = low_level_features(clf, train.batch(torch.arange(len(train)))[0])
     low_v = low_level_features(clf, val.batch(torch.arange(len(val)))[0])
     low_floor = frechet_distance(low_t, low_v)
-    recipe = judge_recipe(epochs, train)
+    recipe = judge_recipe(epochs, judge_images(data, size, RECIPES[JUDGE_RECIPE].others))
     print(
         f"judge version {recipe['judge_recipe']!r}, {epochs} epochs: accuracy on the real validation split "
         f"{val_acc * 100:.1f}% of {len(val)}; FD floor (train vs val): {floor:.2f}, low-level {low_floor:.3f}"

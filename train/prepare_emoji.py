@@ -7,6 +7,8 @@ Apache-2.0, Microsoft Fluent Emoji MIT), groups the base emoji into readable cla
 `emoji.json` category/subcategory, composites them onto white, resizes to 32 and 64 px, splits
 train/validation deterministically by emoji (all styles of one emoji land in the same split), and
 writes `train.safetensors`, `val.safetensors` (uint8 images), `classes.json` and `ATTRIBUTION.md`.
+Every image also carries its `emoji.json` subcategory, and `others.safetensors` holds the base emoji
+of no class: the judge of train/evaluate.py learns its features from both (docs/evaluation.md).
 The images themselves are never committed to the repository.
 """
 
@@ -68,9 +70,13 @@ CLASSES: list[tuple[str, str, list[tuple[str, str]], bool]] = [
 @dataclass
 class Item:
     code: str  # lower-case unified code point string, e.g. "1f98a"
-    label: int
+    label: int  # the class, or OTHER for an emoji in none of them (the judge's extra training images)
     style: str
     png: bytes
+    subcategory: int = -1  # index into the dataset's subcategory list (the judge's finer labels)
+
+
+OTHER = -1
 
 
 def classify(category: str, subcategory: str) -> int | None:
@@ -123,35 +129,38 @@ def read_members(tgz: Path, wanted: set[str]) -> dict[str, bytes]:
     return out
 
 
-def collect(npm_dir: Path, flag_cap: int) -> tuple[list[Item], list[dict]]:
+def collect(npm_dir: Path, flag_cap: int) -> tuple[list[Item], list[str]]:
+    """Every base emoji of the three styles (Fluent's flags left out), labelled with its class (or OTHER)
+    and its `emoji.json` subcategory; flags capped. Returns the items and the subcategory names."""
     twitter_tgz = npm_dir / PACKAGES["twemoji"][1]
     emoji = json.loads(read_members(twitter_tgz, {"package/emoji.json"})["package/emoji.json"])
+    subcategories = sorted({f"{e['category']}/{e['subcategory']}" for e in emoji})
     entries = []
     for e in emoji:
         label = classify(e["category"], e["subcategory"])
-        if label is not None:
-            entries.append((e, label))
+        sub = subcategories.index(f"{e['category']}/{e['subcategory']}")
+        entries.append((e, OTHER if label is None else label, sub))
     items: list[Item] = []
     for style, (_, tgz, pattern) in PACKAGES.items():
         paths = {}
-        for e, label in entries:
+        for e, label, sub in entries:
             if style == "fluent":
-                if CLASSES[label][0] == "flag":  # Fluent's flags are a different art style
+                if e["category"] == "Flags":  # Fluent's flags are a different art style
                     continue
                 code = e["unified"].lower()
                 for c in (code, code.replace("-fe0f", "")):
-                    paths[pattern.format(code=c)] = (code, label)
+                    paths[pattern.format(code=c)] = (code, label, sub)
             else:
                 if not e.get(f"has_img_{'twitter' if style == 'twemoji' else 'google'}", True):
                     continue
-                paths[pattern.format(image=e["image"])] = (e["unified"].lower(), label)
+                paths[pattern.format(image=e["image"])] = (e["unified"].lower(), label, sub)
         found = read_members(npm_dir / tgz, set(paths))
         seen = set()
         for path, data in sorted(found.items()):
-            code, label = paths[path]
+            code, label, sub = paths[path]
             if code not in seen:
                 seen.add(code)
-                items.append(Item(code, label, style, data))
+                items.append(Item(code, label, style, data, sub))
     # Cap dominant classes (flags) deterministically, by hash of the emoji code.
     by_label: dict[int, list[Item]] = {}
     for it in items:
@@ -159,8 +168,8 @@ def collect(npm_dir: Path, flag_cap: int) -> tuple[list[Item], list[dict]]:
     capped = []
     for label, its in sorted(by_label.items()):
         its.sort(key=lambda it: (_hash(it.code), it.style))
-        capped.extend(its[:flag_cap] if CLASSES[label][0] == "flag" else its)
-    return capped, entries
+        capped.extend(its[:flag_cap] if label != OTHER and CLASSES[label][0] == "flag" else its)
+    return capped, subcategories
 
 
 def _hash(s: str) -> int:
@@ -177,42 +186,47 @@ def to_rgb(data: bytes, size: int) -> np.ndarray:
     )
 
 
-def build(npm_dir: Path, out: Path, sizes: list[int], val_fraction: float, flag_cap: int) -> dict:
-    items, _ = collect(npm_dir, flag_cap)
-    if not items:
-        raise SystemExit(f"no emoji images found in {npm_dir}")
-    styles = list(PACKAGES)
-    # Stratified by class and by emoji: all styles of one emoji share a split, every class gets val images.
+def split_codes(items: list[Item], val_fraction: float) -> set[str]:
+    """The validation emoji: stratified by class and by emoji, so all styles of one emoji share a split and
+    every class gets validation images."""
     val_codes: set[str] = set()
     for label in range(len(CLASSES)):
         codes = sorted({it.code for it in items if it.label == label}, key=lambda c: _hash("split:" + c))
         n_val = round(val_fraction * len(codes)) if val_fraction > 0 else 0
         val_codes.update(codes[: max(n_val, 1 if val_fraction > 0 and len(codes) > 1 else 0)])
-    split_of = lambda code: "val" if code in val_codes else "train"  # noqa: E731
-    out.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, dict[str, list]] = {
-        s: {"labels": [], "styles": []} | {f"images_{z}": [] for z in sizes} for s in ("train", "val")
+    return val_codes
+
+
+def write_shard(path: Path, items: list[Item], styles: list[str], sizes: list[int]) -> None:
+    """uint8 NHWC images at every size, with their classes, styles and subcategories."""
+    tensors = {
+        "labels": torch.tensor([it.label for it in items], dtype=torch.int64),
+        "styles": torch.tensor([styles.index(it.style) for it in items], dtype=torch.int64),
+        "subcategories": torch.tensor([it.subcategory for it in items], dtype=torch.int64),
+        # which emoji each image shows (a hash of its code, shared by its styles): folds split by emoji
+        "emoji_ids": torch.tensor([_hash(it.code) >> 1 for it in items], dtype=torch.int64),
     }
-    for it in tqdm(items, desc="images", unit="img"):
-        split = split_of(it.code)
-        a = arrays[split]
-        a["labels"].append(it.label)
-        a["styles"].append(styles.index(it.style))
-        for z in sizes:
-            a[f"images_{z}"].append(to_rgb(it.png, z))
-    counts = {s: Counter(arrays[s]["labels"]) for s in arrays}
-    for split, a in arrays.items():
-        tensors = {
-            "labels": torch.tensor(a["labels"], dtype=torch.int64),
-            "styles": torch.tensor(a["styles"], dtype=torch.int64),
-        }
-        for z in sizes:
-            tensors[f"images_{z}"] = (
-                torch.from_numpy(np.stack(a[f"images_{z}"]))
-                if a[f"images_{z}"]
-                else torch.zeros(0, z, z, 3, dtype=torch.uint8)
-            )
-        save_file(tensors, str(out / f"{split}.safetensors"), metadata={"layout": "NHWC uint8"})
+    for z in sizes:
+        images = [to_rgb(it.png, z) for it in items]
+        tensors[f"images_{z}"] = (
+            torch.from_numpy(np.stack(images)) if images else torch.zeros(0, z, z, 3, dtype=torch.uint8)
+        )
+    save_file(tensors, str(path), metadata={"layout": "NHWC uint8"})
+
+
+def build(npm_dir: Path, out: Path, sizes: list[int], val_fraction: float, flag_cap: int) -> dict:
+    items, subcategories = collect(npm_dir, flag_cap)
+    if not any(it.label != OTHER for it in items):
+        raise SystemExit(f"no emoji images found in {npm_dir}")
+    styles = list(PACKAGES)
+    val_codes = split_codes(items, val_fraction)
+    splits: dict[str, list[Item]] = {"train": [], "val": [], "others": []}
+    for it in items:
+        splits["others" if it.label == OTHER else "val" if it.code in val_codes else "train"].append(it)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, its in tqdm(splits.items(), desc="shards", unit="shard"):
+        write_shard(out / f"{split}.safetensors", its, styles, sizes)
+    counts = {s: Counter(it.label for it in its) for s, its in splits.items()}
     classes = {
         "classes": [
             {"id": i, "name": name, "emoji": char, "flip": flip, "train": counts["train"][i], "val": counts["val"][i]}
@@ -221,6 +235,10 @@ def build(npm_dir: Path, out: Path, sizes: list[int], val_fraction: float, flag_
         "styles": [STYLE_NAMES[s] for s in styles],
         "null_label": len(CLASSES),
         "sizes": sizes,
+        # the judge's finer labels: every image's emoji.json subcategory; `others.safetensors` holds the base
+        # emoji of no class, which the judge also learns from (docs/evaluation.md)
+        "subcategories": subcategories,
+        "others": len(splits["others"]),
     }
     (out / "classes.json").write_text(json.dumps(classes, indent=2, ensure_ascii=False))
     (out / "ATTRIBUTION.md").write_text(ATTRIBUTION)
@@ -265,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     classes = build(args.npm_dir, args.out, args.sizes, args.val_fraction, args.flag_cap)
     for c in classes["classes"]:
         print(f"{c['id']:3d} {c['emoji']} {c['name']:<20} train {c['train']:4d}  val {c['val']:3d}")
+    print(f"{classes['others']} images of no class (for the judge), {len(classes['subcategories'])} subcategories")
     print(f"wrote {args.out}")
     return 0
 
