@@ -28,7 +28,7 @@ JUDGE_LR = 2e-3
 # The judge's version. Any change to the classifier's training is a new version, and every reported number
 # is measured again with it in the same change (docs/evaluation.md); a cache made by another version is
 # never reused.
-JUDGE_RECIPE = "2: cosine"
+JUDGE_RECIPE = "3: subcategories"
 JUDGE_EPOCHS = 30  # part of the frozen recipe: a judge trained for other epochs measures for tuning only
 # Seeds below REPORT_FIRST_SEED are for tuning and selection; reported numbers use seeds from it on, with
 # at least REPORT_MIN_PER_CLASS samples per class (docs/evaluation.md).

@@ -213,3 +213,39 @@ def test_low_level_distance_sees_speckle_on_smooth_images():
     clean = judge.frechet_distance(low(other), low(ref))
     speckled = judge.frechet_distance(low((other + 0.3 * torch.randn_like(other)).clamp(-1, 1)), low(ref))
     assert speckled > 5 * clean, (speckled, clean)
+
+
+def test_the_judge_learns_subcategories_from_every_image_and_classes_from_classed_ones(emoji_data):
+    with_others, without = judge.judge_images(emoji_data, 16, True), judge.judge_images(emoji_data, 16, False)
+    assert len(with_others) == len(without) + 3 and (with_others.labels < 0).sum() == 3  # the house, 3 styles
+    assert with_others.num_fine == len(json.loads((emoji_data / "classes.json").read_text())["subcategories"])
+    flags = with_others.labels == with_others.class_names.index("flag")
+    assert not with_others.flip_ok[flags].any() and with_others.flip_ok[~flags].all()
+    clf = judge.train_classifier(with_others, judge.Recipe(epochs=1))
+    assert clf.fine_head is not None and clf.fine_head.out_features == with_others.num_fine
+    assert clf(with_others.x[:4]).shape == (4, len(with_others.class_names))
+    plain = judge.train_classifier(without, judge.Recipe(fine=False, others=False, epochs=1))
+    assert plain.fine_head is None
+
+
+def test_strong_augmentation_moves_images_but_pads_with_white():
+    g = torch.Generator().manual_seed(0)
+    x = torch.ones(64, 3, 16, 16)
+    x[:, :, 4:12, 4:12] = -1  # a black square on white
+    light = judge.augment(x, torch.ones(64, dtype=torch.bool), False, g)
+    strong = judge.augment(x, torch.ones(64, dtype=torch.bool), True, g)
+    assert light.shape == strong.shape == x.shape
+    white = torch.ones(64, 3, 16, 16)
+    padded = judge.augment(white, torch.ones(64, dtype=torch.bool), True, g)
+    # rotated, scaled and shifted, a white image stays uniform up to its noise; a grey or black fill would not be
+    spread = (padded - padded.mean((1, 2, 3), keepdim=True)).std((1, 2, 3))
+    assert float(spread.max()) < 0.2
+    # each image gets its own scale, rotation and shift: the square's dark area differs across the batch
+    dark = (strong < 0).float().sum((1, 2, 3))
+    assert float(dark.std()) > 10 and 0.5 * 192 < float(dark.mean()) < 1.5 * 192
+    left = torch.ones(32, 3, 16, 16)
+    left[..., :8] = -1  # dark on the left half; a shift of up to 2 px keeps columns 2-5 dark
+    kept = judge.augment(left, torch.zeros(32, dtype=torch.bool), False, torch.Generator().manual_seed(2))
+    assert bool((kept[..., 2:6].mean((1, 2, 3)) < 0).all())  # never mirrored where flips are not allowed
+    free = judge.augment(left, torch.ones(32, dtype=torch.bool), False, torch.Generator().manual_seed(2))
+    assert 4 <= int((free[..., 2:6].mean((1, 2, 3)) > 0).sum()) <= 28  # about half mirrored where they are

@@ -67,6 +67,19 @@ def test_prepare_emoji_from_npm_layout(emoji_data):
     # composited onto white: corners are white
     assert int(train.images[:, 0, 0].min()) == 255
     assert "CC-BY 4.0" in (emoji_data / "ATTRIBUTION.md").read_text()
+    # the judge's extras: every image's subcategory, and the emoji of no class (the house, 3 styles)
+    subs = meta["subcategories"]
+    assert "Travel & Places/place-building" in subs and "Smileys & Emotion/heart" in subs
+    others = load_file(str(emoji_data / "others.safetensors"))
+    assert meta["others"] == 3 and others["labels"].tolist() == [-1, -1, -1]
+    assert {subs[i] for i in others["subcategories"].tolist()} == {"Travel & Places/place-building"}
+    shard = load_file(str(emoji_data / "train.safetensors"))
+    for label, sub in zip(shard["labels"].tolist(), shard["subcategories"].tolist(), strict=True):
+        assert subs[sub].split("/")[1].startswith({"face": "face-", "heart": "heart", "flag": "country-flag"}[
+            meta["classes"][label]["name"]])  # fmt: skip
+    # all styles of one emoji share an id: 5 faces, 4 hearts, 4 flags over both splits
+    both = torch.cat([shard["emoji_ids"], load_file(str(emoji_data / "val.safetensors"))["emoji_ids"]])
+    assert len(set(both.tolist())) == 13
 
 
 def test_prepare_emoji_without_npm_or_offline_is_a_clear_error(tmp_path):
