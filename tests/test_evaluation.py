@@ -249,3 +249,28 @@ def test_strong_augmentation_moves_images_but_pads_with_white():
     assert bool((kept[..., 2:6].mean((1, 2, 3)) < 0).all())  # never mirrored where flips are not allowed
     free = judge.augment(left, torch.ones(32, dtype=torch.bool), False, torch.Generator().manual_seed(2))
     assert 4 <= int((free[..., 2:6].mean((1, 2, 3)) > 0).sum()) <= 28  # about half mirrored where they are
+
+
+def test_choose_judge_scores_every_recipe_on_a_held_out_fold_and_applies_its_rule(tmp_path, emoji_data):
+    out = tmp_path / "choice.json"
+    script = [sys.executable, str(ROOT / "train" / "choose_judge.py"), "--data", str(emoji_data), "--size", "16"]
+    ids = judge.judge_images(emoji_data, 16, False).emoji
+    folds = [f for f in range(5) if 0 < int((ids % 5 == f).sum()) < len(ids)]
+    cmd = [*script, "--epochs", "1", "--jobs", "1", "--fold", str(folds[0]), "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    record = json.loads(out.read_text())
+    results = {x["recipe"]: x for x in record["results"]}
+    assert set(results) == set(judge.RECIPES)
+    assert record["chosen"] == max(results.values(), key=lambda x: x["balanced_accuracy"])["recipe"]
+    held = {x["held_out_images"] for x in results.values()}
+    assert len(held) == 1 and 0 < held.pop() < len(judge.judge_images(emoji_data, 16, False))
+    # the fold is taken from the training split only; recipes with the emoji of no class train on 3 more
+    trained = {name: x["trained_on"] for name, x in results.items()}
+    assert trained["3: subcategories"] == trained["2: cosine"] + 3
+    bad = subprocess.run([*script, "--fold", "5"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--fold must be in 0..4" in bad.stderr
+    empty = [f for f in range(5) if int((ids % 5 == f).sum()) == 0]
+    assert empty, "the fake data has a fold with none of its training emoji"
+    r = subprocess.run([*script, "--fold", str(empty[0])], capture_output=True, text=True)
+    assert r.returncode == 2 and "choose another --fold" in r.stderr  # refused before any training

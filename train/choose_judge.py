@@ -73,9 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs < 1 or args.jobs < 1:
         p.error("--epochs and --jobs must be >= 1")
     try:
-        judge_images(args.data, args.size, others=True)
+        images = judge_images(args.data, args.size, others=True)
     except (OSError, ValueError) as e:
         p.error(f"cannot read the judge's images: {e}")
+    held = int(((images.labels >= 0) & (images.emoji % FOLDS == args.fold)).sum())
+    if held == 0 or held == int((images.labels >= 0).sum()):
+        p.error(f"fold {args.fold} holds {held} of the training split's images: choose another --fold")
+    del images
     jobs = [(args.data, args.size, name, args.epochs, args.fold) for name in args.recipes]
     with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
         results = pool.starmap(score, jobs)
