@@ -107,10 +107,8 @@ class JudgeImages:
         return len(self.labels)
 
     def subset(self, keep: torch.Tensor) -> JudgeImages:
-        return JudgeImages(
-            self.x[keep], self.labels[keep], self.fine[keep], self.flip_ok[keep], self.emoji[keep],
-            self.class_names, self.num_fine,
-        )  # fmt: skip
+        """The images where `keep` (a boolean mask or indices) says so."""
+        return replace(self, **{f: getattr(self, f)[keep] for f in ("x", "labels", "fine", "flip_ok", "emoji")})
 
 
 def judge_images(data: Path, size: int, others: bool) -> JudgeImages:

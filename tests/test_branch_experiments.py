@@ -49,3 +49,12 @@ def test_runs_every_experiment_and_measures_saved_images_again(tiny_model_dir, t
     again = _run(*common, "--reuse-images")
     assert again.returncode == 0, again.stderr
     assert json.loads(out.read_text())["swap"] == r["swap"]
+
+
+def test_judge_data_the_judge_cannot_use_is_refused_before_sampling(tiny_model_dir, tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "classes.json").write_text('{"classes": [], "sizes": [16]}')  # prepared before subcategories
+    out = tmp_path / "r.json"
+    res = _run("--model", str(tiny_model_dir), "--out", str(out), "--judge-data", str(tmp_path / "old"))
+    assert res.returncode == 2 and "--judge-data:" in res.stderr and "prepare_emoji.py again" in res.stderr
+    assert not out.exists()

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from mrdit.checkpoint import atomic_save_safetensors, atomic_write, load_model
 from mrdit.interventions import BranchGuidance, FreezeCoarse, Intervention, SwapCoarse
-from mrdit.judge import classifier, wilson_interval
+from mrdit.judge import JUDGE_RECIPE, RECIPES, classifier, judge_images, wilson_interval
 from mrdit.measures import band_names, band_split
 from mrdit.pipeline import DEFAULT_SAMPLER
 from mrdit.sampling import SAMPLERS, noise_for_seeds, sample
@@ -181,7 +181,7 @@ def judge(results: dict, images: dict[str, torch.Tensor], data: Path, classes: i
     the share of hybrids assigned to A's class (the coarse features') and to B's (the label's)."""
     clf, val_acc, _ = classifier(data, images["plain"].shape[-1], 30)
     labels = torch.tensor(results["labels"])
-    out = {"validation_accuracy": val_acc}
+    out = {"version": JUDGE_RECIPE, "validation_accuracy": val_acc}
     with torch.no_grad():
         for name, x in images.items():
             pred = torch.cat([clf(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)])
@@ -318,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         if len(ws) != len(model.config.branches):
             p.error(f"--branch-weights {ws}: need one weight per branch ({len(model.config.branches)})")
     classes = model.config.num_classes - 1
+    if args.judge_data is not None:  # a judge that cannot be built is said now, not after the sampling
+        try:
+            judge_images(args.judge_data, model.config.image_size, RECIPES[JUDGE_RECIPE].others)
+        except (OSError, ValueError) as e:
+            p.error(f"--judge-data: {e}")
     if args.reuse_images:
         results = json.loads(args.out.read_text())
         images = {k.replace("_", " "): v.float() / 127.5 - 1 for k, v in load_file(str(args.images)).items()}
