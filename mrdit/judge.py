@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -187,6 +188,40 @@ def train_classifier(images: JudgeImages, recipe: Recipe, seed: int = 0) -> Emoj
             opt.step()
             step += 1
     return clf.eval()
+
+
+FOLDS = 5  # train/choose_judge.py holds out one fifth of the training split's emoji
+
+
+def fold_score(data: Path, size: int, name: str, epochs: int, fold: int) -> dict:
+    """Recipe `name` trained on the training split without fold `fold` of its emoji (all styles of an
+    emoji on one side) and, if it says so, on the emoji of no class; its accuracy on that fold, on one
+    thread (train/choose_judge.py runs several at once)."""
+    torch.set_num_threads(1)
+    recipe = replace(RECIPES[name], epochs=epochs)
+    images = judge_images(data, size, recipe.others)
+    held = (images.labels >= 0) & (images.emoji % FOLDS == fold)
+    start = time.perf_counter()
+    clf = train_classifier(images.subset(~held), recipe)
+    seconds = time.perf_counter() - start
+    x, y = images.x[held], images.labels[held]
+    with torch.no_grad():
+        pred = torch.cat([clf(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
+    per_class = per_class_accuracy(pred, y, images.class_names)
+    present = [a for a in per_class.values() if a is not None]
+    accuracy = float((pred == y).float().mean())
+    return {
+        "recipe": name,
+        "settings": vars(recipe),
+        "fold": fold,
+        "held_out_images": len(y),
+        "trained_on": int((~held).sum()),
+        "balanced_accuracy": sum(present) / len(present),
+        "accuracy": accuracy,
+        "interval": wilson_interval(accuracy, len(y)),
+        "per_class_accuracy": per_class,
+        "train_seconds": seconds,
+    }
 
 
 def per_class_accuracy(pred: torch.Tensor, y: torch.Tensor, class_names: list[str]) -> dict[str, float | None]:

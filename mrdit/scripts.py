@@ -16,6 +16,7 @@ CHECKOUT_SCRIPTS = {
     "mrdit-export": "export.py",
     "mrdit-evaluate": "evaluate.py",
     "mrdit-compare-pair": "compare_pair.py",
+    "mrdit-choose-judge": "choose_judge.py",
     "mrdit-prepare-emoji": "prepare_emoji.py",
     "mrdit-init-grown": "init_grown.py",
     "mrdit-encode-latents": "encode_latents.py",
@@ -58,6 +59,7 @@ train = _entry("mrdit-train")
 export = _entry("mrdit-export")
 evaluate = _entry("mrdit-evaluate")
 compare_pair = _entry("mrdit-compare-pair")
+choose_judge = _entry("mrdit-choose-judge")
 prepare_emoji = _entry("mrdit-prepare-emoji")
 init_grown = _entry("mrdit-init-grown")
 encode_latents = _entry("mrdit-encode-latents")

@@ -16,43 +16,9 @@ import argparse
 import json
 import multiprocessing as mp
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from mrdit.judge import JUDGE_EPOCHS, RECIPES, judge_images, per_class_accuracy, train_classifier, wilson_interval
-
-FOLDS = 5
-
-
-def score(data: Path, size: int, name: str, epochs: int, fold: int) -> dict:
-    """Train recipe `name` without fold `fold` of the training split's emoji; its accuracy on that fold."""
-    torch.set_num_threads(1)
-    recipe = RECIPES[name]
-    images = judge_images(data, size, recipe.others)
-    held = (images.labels >= 0) & (images.emoji % FOLDS == fold)
-    start = time.perf_counter()
-    clf = train_classifier(images.subset(~held), type(recipe)(**{**vars(recipe), "epochs": epochs}))
-    seconds = time.perf_counter() - start
-    x, y = images.x[held], images.labels[held]
-    with torch.no_grad():
-        pred = torch.cat([clf(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
-    per_class = per_class_accuracy(pred, y, images.class_names)
-    present = [a for a in per_class.values() if a is not None]
-    accuracy = float((pred == y).float().mean())
-    return {
-        "recipe": name,
-        "settings": vars(recipe) | {"epochs": epochs},
-        "fold": fold,
-        "held_out_images": len(y),
-        "trained_on": int((~held).sum()),
-        "balanced_accuracy": sum(present) / len(present),
-        "accuracy": accuracy,
-        "interval": wilson_interval(accuracy, len(y)),
-        "per_class_accuracy": per_class,
-        "train_seconds": seconds,
-    }
+from mrdit.judge import FOLDS, JUDGE_EPOCHS, RECIPES, fold_score, judge_images
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     del images
     jobs = [(args.data, args.size, name, args.epochs, args.fold) for name in args.recipes]
     with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
-        results = pool.starmap(score, jobs)
+        results = pool.starmap(fold_score, jobs)
     best = max(results, key=lambda r: r["balanced_accuracy"])
     print(f"\n{'recipe':<40} {'balanced':>8} {'accuracy (95% interval)':>26} {'images':>6} {'minutes':>7}")
     for r in results:
