@@ -120,16 +120,24 @@ def test_cancelling_one_request_leaves_the_others_of_its_batch_untouched():
 
 
 def test_a_run_whose_requests_all_cancel_stops_early():
-    fake = FakeSampler()
-    fake.gate.set()
-    b = RequestBatcher(fake, _key)
+    gate, steps_run = threading.Event(), []
+
+    def sampler(requests):  # every step after the first waits at the gate, so the run cannot outpace the test
+        for i in range(3):
+            if i:
+                gate.wait(5)
+            steps_run.append(i)
+            yield _state(i, torch.zeros(requests[0].rows, 1))
+
+    b = RequestBatcher(sampler, _key)
     stream = b.stream({"plan": "a", "value": 1}, 1)
     next(stream)
-    stream.close()
+    stream.close()  # the only request is cancelled while step 1 waits
+    gate.set()
     deadline = time.time() + 5
     while b._worker is not None and time.time() < deadline:
         time.sleep(0.01)
-    assert fake.steps_run < 3
+    assert b._worker is None and steps_run in ([0], [0, 1])  # never step 2
 
 
 def test_an_error_reaches_every_request_of_the_batch_and_the_batcher_goes_on():
