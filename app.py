@@ -49,7 +49,7 @@ from mrdit.probes import TDCurves, class_token_attention, curves_by_branch, td_n
 from mrdit.released import RELEASES, prepare
 from mrdit.sampling import SAMPLERS, StepState, planned_times
 from mrdit.schedule import NoiseSchedule
-from mrdit.space import gpu_seconds, on_space, on_zero_gpu
+from mrdit.space import cap_malloc_arenas, gpu_seconds, on_space, on_zero_gpu
 from mrdit.trajectory import MAX_BUNDLE_BYTES, BundleError, Frame, Trajectory, load_bundle, save_bundle, thinned
 from mrdit.visual import (
     attention_sheet,
@@ -81,6 +81,9 @@ BATCH_IMAGES = 32
 # previews cost: bench/stream_overhead.py).
 PREVIEWS = os.environ.get("MRDIT_PREVIEWS", "1") != "0"
 GENERATE_CONCURRENCY = 16 if BATCH else 2
+# Heap arenas for the server's threads (MRDIT_MALLOC_ARENAS=0: glibc's default, up to 8 per core); fewer
+# arenas keep less freed memory: mrdit.space.cap_malloc_arenas.
+MALLOC_ARENAS = int(os.environ.get("MRDIT_MALLOC_ARENAS", "2"))
 MAX_IMAGES = 16  # images per request: the app's limit (the library has none)
 DISPLAY = 96  # every panel is shown at this size, nearest-neighbour, so model pixels stay honest
 STREAM_INTERVAL = float(os.environ.get("MRDIT_STREAM_INTERVAL", "0.25"))  # s between streamed frames; the last is always shown
@@ -1363,6 +1366,7 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
+    cap_malloc_arenas(MALLOC_ARENAS)
     if on_space() and os.environ.get("MRDIT_PREPARE_RELEASED", "1") != "0":
         prepare_released_in_background()
     build_demo().launch(css=CSS, max_file_size=MAX_BUNDLE_BYTES)

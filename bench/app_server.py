@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -115,6 +116,25 @@ def generate_inputs(label: str, seed: int, steps: int, images: int, sampler: str
         "sampler": sampler,
         "num_images": images,
     }
+
+
+_TLS: ssl.SSLContext | None = None
+
+
+def app_client(url: str, shared_tls: bool = True, **kwargs):
+    """A `gradio_client.Client` of the served app. `gradio_client` opens a new HTTP client, and with it a
+    new TLS context that loads the whole CA bundle (about 20 ms of CPU), for every request and every
+    streamed file it downloads: under sixteen users that took more of the two cores than the server did
+    (bench/NOTES.md). With `shared_tls` every request reuses one context instead, as a browser keeps
+    its connections; the app is served over plain HTTP on loopback either way."""
+    global _TLS
+    from gradio_client import Client
+
+    if shared_tls:
+        if _TLS is None:
+            _TLS = ssl.create_default_context()
+        kwargs["ssl_verify"] = _TLS  # passed on as httpx's `verify`, which takes a context
+    return Client(url, verbose=False, **kwargs)
 
 
 def rss_tree_bytes(proc: psutil.Process) -> int:

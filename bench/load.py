@@ -22,7 +22,9 @@ from pathlib import Path
 import psutil
 
 from app_server import (
+    app_client,
     baseline_then_measured,
+    cpu_tree_seconds,
     generate_inputs,
     rss_tree_bytes,
     served_app,
@@ -76,12 +78,10 @@ def walk_steps(client, i: int, steps: int, stop_at: float, tally: Tally) -> None
         tally.record("step_mode_steps")
 
 
-def user(url: str, i: int, steps: int, images: int, stop_at: float, tally: Tally) -> None:
+def user(url: str, i: int, steps: int, images: int, stop_at: float, tally: Tally, shared_tls: bool) -> None:
     """One session: requests back to back until `stop_at`; every fourth user walks step mode."""
-    from gradio_client import Client
-
     try:
-        client = Client(url, verbose=False)
+        client = app_client(url, shared_tls)
     except Exception as e:
         tally.record("errors", f"connect: {e}")
         return
@@ -106,11 +106,12 @@ def user(url: str, i: int, steps: int, images: int, stop_at: float, tally: Tally
                 tally.record("errors", f"user {i}: {type(e).__name__}: {text}")
 
 
-def run_load(url: str, users: int, seconds: float, steps: int, images: int) -> dict:
+def run_load(url: str, users: int, seconds: float, steps: int, images: int, shared_tls: bool = True) -> dict:
     """`users` concurrent sessions for `seconds`: counts, latency quantiles and the first errors."""
     tally, stop_at = Tally(), time.time() + seconds
     threads = [
-        threading.Thread(target=user, args=(url, i, steps, images, stop_at, tally), daemon=True) for i in range(users)
+        threading.Thread(target=user, args=(url, i, steps, images, stop_at, tally, shared_tls), daemon=True)
+        for i in range(users)
     ]
     for t in threads:
         t.start()
@@ -144,13 +145,11 @@ def measure_server(args: argparse.Namespace, extra_env: dict[str, str], root: Pa
     compile left to finish (unless `args.no_settle`), then `args.users` users for `args.seconds`;
     counts, latencies and memory."""
     with served_app(args.model, extra_env=extra_env, root=root) as server:
-        from gradio_client import Client
-
-        Client(server.url, verbose=False).predict(**generate_inputs("face", 0, 2, 1, "ddim"), api_name="/generate")
+        app_client(server.url).predict(**generate_inputs("face", 0, 2, 1, "ddim"), api_name="/generate")
         if not args.no_settle:
             wait_until_idle(server.process)
-        load = lambda: run_load(server.url, args.users, args.seconds, args.steps, args.images)
-        res, start_mem, peak = under_watch(server.process, load)
+        load = lambda: run_load(server.url, args.users, args.seconds, args.steps, args.images, not args.tls_per_request)
+        (res, start_mem, peak), cpu = with_cpu(server.process, lambda: under_watch(server.process, load))
         alive = server.alive()
     return res | {
         "env": extra_env,
@@ -162,7 +161,17 @@ def measure_server(args: argparse.Namespace, extra_env: dict[str, str], root: Pa
         "start_mem_mb": start_mem / 2**20,
         "peak_mem_mb": peak / 2**20,
         "mem_growth_mb": (peak - start_mem) / 2**20,
+        "tls_per_request": args.tls_per_request,
+        "cpu_s": cpu,
     }
+
+
+def with_cpu(server: psutil.Process, fn) -> tuple[object, dict]:
+    """Run `fn()`: (its result, CPU seconds used meanwhile by the server and by this load generator)."""
+    me = psutil.Process()
+    s0, m0 = cpu_tree_seconds(server), sum(me.cpu_times()[:2])
+    out = fn()
+    return out, {"server": cpu_tree_seconds(server) - s0, "load_generator": sum(me.cpu_times()[:2]) - m0}
 
 
 def healthy(res: dict) -> bool:
@@ -178,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="start the load right after the warm-up request instead of once the server is quiet "
         "(a background compile then runs during the load, as the first minute after a restart meets it)",
+    )
+    p.add_argument(
+        "--tls-per-request",
+        action="store_true",
+        help="let every request of the load generator build its own TLS context, as gradio_client does "
+        "by default (how the runs before the shared context were measured; it costs the generator more "
+        "CPU than the server uses)",
     )
     args = p.parse_args(argv)
     if not 1 <= args.users <= 64 or not 1 <= args.seconds <= 600:

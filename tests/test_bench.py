@@ -185,3 +185,27 @@ def test_the_baseline_revision_is_measured_first_from_its_own_folder():
     (base_env, base_root, base_app), (env, root, _) = seen
     assert base_env == {"MRDIT_BATCH": "0"} and env == {"MRDIT_BATCH": "1"}
     assert base_root != app_server.ROOT and base_app and root == app_server.ROOT
+
+
+def test_load_generator_shares_one_tls_context_unless_asked(tmp_path, monkeypatch):
+    import ssl
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # load.py imports its siblings, as when run as a script
+    load = bench_module("load")
+    made = []
+    real = ssl.create_default_context
+    monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: made.append(1) or real(*a, **k))
+    counts = {}
+    for flag in ([], ["--tls-per-request"]):
+        made.clear()
+        out = tmp_path / f"load{len(flag)}.json"
+        args = ["--users", "2", "--seconds", "3", "--steps", "2", "--images", "1", "--out", str(out), *flag]
+        assert load.main(args) == 0
+        res = json.loads(out.read_text())
+        assert res["completed"] > 0 and res["errors"] == 0 and res["isolation_violations"] == 0
+        assert res["tls_per_request"] == bool(flag) and res["cpu_s"]["server"] > 0
+        counts[bool(flag)] = (len(made), res["completed"] + res["step_mode_steps"])
+    print(counts)
+    shared, requests = counts[False]
+    assert requests >= 6 and shared <= 3  # the shared one, and one in each client's start-up at most: not per request
+    assert counts[True][0] > counts[True][1]  # gradio_client's default: at least one per request
