@@ -200,7 +200,7 @@ def fold_score(data: Path, size: int, name: str, epochs: int, fold: int) -> dict
     torch.set_num_threads(1)
     recipe = replace(RECIPES[name], epochs=epochs)
     images = judge_images(data, size, recipe.others)
-    held = (images.labels >= 0) & (images.emoji % FOLDS == fold)
+    held = fold_mask(images, fold)
     start = time.perf_counter()
     clf = train_classifier(images.subset(~held), recipe)
     seconds = time.perf_counter() - start
@@ -208,7 +208,6 @@ def fold_score(data: Path, size: int, name: str, epochs: int, fold: int) -> dict
     with torch.no_grad():
         pred = torch.cat([clf(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
     per_class = per_class_accuracy(pred, y, images.class_names)
-    present = [a for a in per_class.values() if a is not None]
     accuracy = float((pred == y).float().mean())
     return {
         "recipe": name,
@@ -216,12 +215,23 @@ def fold_score(data: Path, size: int, name: str, epochs: int, fold: int) -> dict
         "fold": fold,
         "held_out_images": len(y),
         "trained_on": int((~held).sum()),
-        "balanced_accuracy": sum(present) / len(present),
+        "balanced_accuracy": balanced(per_class),
         "accuracy": accuracy,
         "interval": wilson_interval(accuracy, len(y)),
         "per_class_accuracy": per_class,
         "train_seconds": seconds,
     }
+
+
+def fold_mask(images: JudgeImages, fold: int) -> torch.Tensor:
+    """The training-split images of one of `FOLDS` folds of emoji (every style of an emoji in the same fold)."""
+    return (images.labels >= 0) & (images.emoji % FOLDS == fold)
+
+
+def balanced(per_class: dict[str, float | None]) -> float:
+    """The mean of the per-class accuracies of the classes present."""
+    present = [a for a in per_class.values() if a is not None]
+    return sum(present) / len(present)
 
 
 def per_class_accuracy(pred: torch.Tensor, y: torch.Tensor, class_names: list[str]) -> dict[str, float | None]:
@@ -287,8 +297,7 @@ def judge_real(clf: EmojiClassifier, data: TensorImageDataset) -> tuple[float, d
     images exactly (the samples are class-balanced too): a ceiling the judge puts on the samples' score."""
     pred, y = predictions(clf, data)
     per_class = per_class_accuracy(pred, y, data.class_names)
-    present = [a for a in per_class.values() if a is not None]
-    return sum(present) / len(present), per_class
+    return balanced(per_class), per_class
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -44,7 +44,7 @@ def cap_malloc_arenas(arenas: int) -> bool:
     """Let glibc's malloc use at most `arenas` heap arenas (0: leave its default) and return whether it
     was set. By default every thread that allocates may get its own arena, up to 8 per core, and each
     arena keeps memory it has freed: the app serves from dozens of worker threads, and under sixteen users
-    its memory grew by 217-249 MB; capped at 2, by 119-147 MB (bench/NOTES.md). A no-op off glibc.
+    its memory grew by 210-249 MB; capped at 2, by 161-182 MB (bench/NOTES.md). A no-op off glibc.
     Call it before the server starts its threads."""
     if arenas <= 0 or not sys.platform.startswith("linux"):
         return False

@@ -18,7 +18,7 @@ import multiprocessing as mp
 import sys
 from pathlib import Path
 
-from mrdit.judge import FOLDS, JUDGE_EPOCHS, RECIPES, fold_score, judge_images
+from mrdit.judge import FOLDS, JUDGE_EPOCHS, RECIPES, fold_mask, fold_score, judge_images
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         images = judge_images(args.data, args.size, others=True)
     except (OSError, ValueError) as e:
         p.error(f"cannot read the judge's images: {e}")
-    held = int(((images.labels >= 0) & (images.emoji % FOLDS == args.fold)).sum())
+    held = int(fold_mask(images, args.fold).sum())
     if held == 0 or held == int((images.labels >= 0).sum()):
         p.error(f"fold {args.fold} holds {held} of the training split's images: choose another --fold")
     del images
@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chosen by the rule (highest class-balanced accuracy on the held-out fold): {best['recipe']!r}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
+        config = vars(args) | {"data": str(args.data), "json": str(args.json)}
         record = {"rule": "highest class-balanced accuracy on the held-out fold", "chosen": best["recipe"]}
-        args.json.write_text(json.dumps(record | {"config": vars(args) | {"data": str(args.data), "json": str(args.json)},
-                                                 "results": results}, indent=2))  # fmt: skip
+        args.json.write_text(json.dumps(record | {"config": config, "results": results}, indent=2))
         print(f"wrote {args.json}")
     return 0
 
