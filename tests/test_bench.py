@@ -205,7 +205,6 @@ def test_load_generator_shares_one_tls_context_unless_asked(tmp_path, monkeypatc
         assert res["completed"] > 0 and res["errors"] == 0 and res["isolation_violations"] == 0
         assert res["tls_per_request"] == bool(flag) and res["cpu_s"]["server"] > 0
         counts[bool(flag)] = (len(made), res["completed"] + res["step_mode_steps"])
-    print(counts)
     shared, requests = counts[False]
     assert requests >= 6 and shared <= 3  # the shared one, and one in each client's start-up at most: not per request
     assert counts[True][0] > counts[True][1]  # gradio_client's default: at least one per request
