@@ -50,6 +50,7 @@ from mrdit.released import RELEASES, prepare
 from mrdit.sampling import SAMPLERS, StepState, planned_times
 from mrdit.schedule import NoiseSchedule
 from mrdit.space import cap_malloc_arenas, gpu_seconds, on_space, on_zero_gpu
+from mrdit.threads import omp_limited, one_omp_thread
 from mrdit.trajectory import MAX_BUNDLE_BYTES, BundleError, Frame, Trajectory, load_bundle, save_bundle, thinned
 from mrdit.visual import (
     attention_sheet,
@@ -77,10 +78,16 @@ COMPILE_IDLE_S = float(os.environ.get("MRDIT_COMPILE_IDLE", "30"))
 # BATCH_IMAGES caps a batch, GENERATE_CONCURRENCY the requests let in.
 BATCH = os.environ.get("MRDIT_BATCH", "1" if torch.cuda.is_available() else "0") != "0"
 BATCH_IMAGES = 32
+# On a CPU every sampling forward (Generate, step mode, Compare) runs on one network thread that joins the
+# forwards of concurrent requests into one batch of at most SHARED_ROWS rows, and the server's other
+# threads run their tensor work on one OpenMP thread each (mrdit.forwards, mrdit.threads; bench/NOTES.md).
+# MRDIT_SHARED=0: every request runs its own forwards, in its own thread, as before.
+SHARED = os.environ.get("MRDIT_SHARED", "0" if torch.cuda.is_available() else "1") != "0"
+SHARED_ROWS = int(os.environ.get("MRDIT_SHARED_ROWS", "24"))  # a larger batch costs memory, not much less per row
 # Per-step previews streamed and kept for replay (MRDIT_PREVIEWS=0: the final step only, to measure what
 # previews cost: bench/stream_overhead.py).
 PREVIEWS = os.environ.get("MRDIT_PREVIEWS", "1") != "0"
-GENERATE_CONCURRENCY = 16 if BATCH else 2
+GENERATE_CONCURRENCY = 16 if BATCH or SHARED else 2
 # Heap arenas for the server's threads (MRDIT_MALLOC_ARENAS=0: glibc's default, up to 8 per core); fewer
 # arenas keep less freed memory: mrdit.space.cap_malloc_arenas.
 MALLOC_ARENAS = int(os.environ.get("MRDIT_MALLOC_ARENAS", "2"))
@@ -119,6 +126,12 @@ except ImportError:  # pragma: no cover - depends on the host
 
     def gpu(fn):
         return fn
+
+
+def shared_threads(fn):
+    """A handler whose sampling forwards the network thread runs (SHARED): its own tensor work runs on one
+    OpenMP thread, in whichever server thread runs it (mrdit.threads)."""
+    return omp_limited(fn) if SHARED else fn
 
 
 def shipped_models() -> list[str]:
@@ -215,6 +228,8 @@ class ModelCache:
             pipe.name = choice
             if COMPILE and pipe.config.autoencoder is None:
                 pipe.compile_in_background(idle_s=COMPILE_IDLE_S)
+            if SHARED and device == "cpu":
+                pipe.share_forwards(max_rows=SHARED_ROWS)
             self.items[path] = pipe
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
@@ -317,17 +332,26 @@ FRAMES = EXPORTS / "frames"
 _last_frame_sweep = [0.0]
 
 
-def streamed_frame(sheet: np.ndarray) -> str:
-    """A streamed panel sheet as a PNG file at low compression (a few times faster to encode than the
-    default while the image changes every frame; the final panels go out as usual). Frames older than
-    a minute are swept, at most every 5 s (gradio has copied them into its cache by then)."""
+def image_file(image: np.ndarray, compress_level: int = 6) -> str:
+    """An output image as a PNG file of its own (a fresh name), for gradio to copy into its cache.
+
+    Gradio writes an array output to a path named by the image's content, rewriting that file each time
+    the same image goes out again; two sessions showing the same image at once (the default class and
+    seed, say) could then be sent a half-written file. A file of our own is copied under its name and
+    renamed into place. Files older than a minute are swept, at most every 5 s (copied by then)."""
     FRAMES.mkdir(parents=True, exist_ok=True)
     path = FRAMES / f"{uuid.uuid4().hex}.png"
-    Image.fromarray(sheet).save(path, compress_level=1)
+    Image.fromarray(image).save(path, compress_level=compress_level)
     if time.time() - _last_frame_sweep[0] > 5.0:
         _last_frame_sweep[0] = time.time()
         sweep_old(FRAMES, "*.png", 60.0)
     return str(path)
+
+
+def streamed_frame(sheet: np.ndarray) -> str:
+    """A streamed panel sheet at low compression (a few times faster to encode than the default while the
+    image changes every frame; the final panels go out at the default)."""
+    return image_file(sheet, compress_level=1)
 
 
 def render(run: Run, frame: Frame) -> np.ndarray:
@@ -421,8 +445,8 @@ def slider_for(run: Run, value: int) -> dict:
     return gr.update(minimum=1, maximum=max(t.total, 2), value=value, step=1, interactive=len(t.frames) > 1)
 
 
-def final_images(run: Run) -> list[np.ndarray] | None:
-    return None if run.traj.final is None else list(run.traj.final)
+def final_images(run: Run) -> list[str] | None:
+    return None if run.traj.final is None else [image_file(a) for a in run.traj.final]
 
 
 # Events: Watch
@@ -477,9 +501,10 @@ def _finish(pipe: Pipeline, run: Run, x: torch.Tensor) -> None:
 
 def _shown(run: Run, frame: Frame, status: str) -> tuple:
     """The eight Watch outputs for a finished or loaded run, showing `frame`."""
-    return (render(run, frame), final_images(run), status, run, slider_for(run, frame.step), *plots(run, frame.step))
+    return (image_file(render(run, frame)), final_images(run), status, run, slider_for(run, frame.step), *plots(run, frame.step))
 
 
+@shared_threads
 @gpu
 def generate(class_label, seed, steps, guidance, sampler, num_images=4, model=DEFAULT_MODEL):
     """Stream every step: (panels, final images, status, run, slider, schedule, settling, additions)."""
@@ -513,6 +538,7 @@ def generate(class_label, seed, steps, guidance, sampler, num_images=4, model=DE
     yield _shown(run, run.traj.frames[-1], status)
 
 
+@shared_threads
 def scrub(step, run: Run | None):
     """Show the kept step at or before `step`: (panels, status, schedule, settling, additions)."""
     if run is None or not run.traj.frames:
@@ -522,9 +548,10 @@ def scrub(step, run: Run | None):
     status = status_text(frame, traj)
     if frame is traj.frames[-1] and traj.finished:
         status += " · done"
-    return render(run, frame), status, *plots(run, frame.step)
+    return streamed_frame(render(run, frame)), status, *plots(run, frame.step)
 
 
+@shared_threads
 @gpu
 def full_decode(step, run: Run | None):
     """The shown step of a latent model decoded by the full VAE instead of the cheap preview: (panels, status)."""
@@ -546,7 +573,7 @@ def full_decode(step, run: Run | None):
     except Exception as e:
         raise _gr_error(e) from None
     shown = replace(frame, x_t=full.x_t, branches=full.branches)
-    return render(run, shown), status_text(frame, run.traj).split(" · preview:")[0] + f" · preview: {full.kind}"
+    return image_file(render(run, shown)), status_text(frame, run.traj).split(" · preview:")[0] + f" · preview: {full.kind}"
 
 
 def next_step(step, run: Run | None) -> int | None:
@@ -579,6 +606,7 @@ def set_speed(fps):
     return gr.Timer(value=1.0 / float(fps or 4))
 
 
+@shared_threads
 @gpu
 def step_start(class_label, seed, steps, guidance, sampler, num_images, model):
     """Step mode: a paused sampler for this session (nothing computed yet) and the whole planned schedule."""
@@ -592,6 +620,7 @@ def step_start(class_label, seed, steps, guidance, sampler, num_images, model):
     return run, msg, None, gr.update(interactive=True), schedule_plot(run.traj, 1)
 
 
+@shared_threads
 @gpu
 def step_next(run: Run | None):
     """One solver update: (panels, final, status, run, slider, schedule, settling, additions, next button)."""
@@ -613,7 +642,7 @@ def step_next(run: Run | None):
         run.stepper = None
     status = status_text(frame, run.traj) + (" · finished" if done else " · paused")
     sched, settle, adds = plots(run, frame.step) if done else (schedule_plot(run.traj, frame.step), gr.update(), gr.update())
-    return (render(run, frame), final_images(run), status, run, slider_for(run, frame.step), sched, settle, adds,
+    return (image_file(render(run, frame)), final_images(run), status, run, slider_for(run, frame.step), sched, settle, adds,
             gr.update(interactive=not done))
 
 
@@ -995,6 +1024,7 @@ def lineage_steps(info) -> int:
     return own + lineage_steps(info.get("source"))
 
 
+@shared_threads
 @gpu
 def compare(class_label, seed, steps, guidance, sampler, num_images=2, model=DEFAULT_MODEL):
     """DiMR and the baseline on the same class, seeds and sampler: (sheet, status, state, slider)."""
@@ -1280,7 +1310,7 @@ def _wire_watch(c: dict, w: dict, run, timer) -> None:
     w["fps"].change(set_speed, w["fps"], timer, api_visibility="private", queue=False)
     timer.tick(play_tick, [w["slider"], run], [w["slider"], timer], api_visibility="private", show_progress="hidden")
     c["step_begin"].click(step_start, inputs, [run, w["status"], w["final"], c["step_btn"], w["sched"]], api_name="step_start", show_progress="hidden")
-    c["step_btn"].click(step_next, [run], watch_out + [c["step_btn"]], api_name="step_next", show_progress="hidden")
+    c["step_btn"].click(step_next, [run], watch_out + [c["step_btn"]], api_name="step_next", concurrency_limit=GENERATE_CONCURRENCY, show_progress="hidden")
     c["model"].change(on_model_change, c["model"], c["class_label"], api_visibility="private")
 
 
@@ -1367,6 +1397,8 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     cap_malloc_arenas(MALLOC_ARENAS)
+    if SHARED:
+        one_omp_thread()  # before the model loads: only the network thread keeps an OpenMP pool
     if on_space() and os.environ.get("MRDIT_PREPARE_RELEASED", "1") != "0":
         prepare_released_in_background()
     build_demo().launch(css=CSS, max_file_size=MAX_BUNDLE_BYTES)

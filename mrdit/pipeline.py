@@ -24,6 +24,7 @@ from .checkpoint import load_model, resolve_model_dir
 from .classes import ClassIndex, ClassLookupError, read_synonyms
 from .compiled import FastForward
 from .config import ModelConfig
+from .forwards import SharedForward
 from .interventions import Intervention, check_intervention
 from .preview import VAE_KIND, cached_linear_preview
 from .sampling import SamplerSettings, StepState, iterate, iterate_rows, noise_for_seeds
@@ -143,6 +144,7 @@ class Pipeline:
         self._classes: ClassIndex | None = None
         self._batcher: RequestBatcher | None = None
         self._batcher_lock = threading.Lock()
+        self.shared: SharedForward | None = None  # `share_forwards()`: one network thread for all callers
         self.name = name
         self.device = next(model.parameters()).device
         cuda = self.device.type == "cuda"
@@ -190,6 +192,20 @@ class Pipeline:
         if idle_s > 0:
             return self.net.warm_up_when_idle(idle_s, batches)
         return self.net.warm_up_async(batches)
+
+    def share_forwards(self, max_rows: int = 64) -> SharedForward:
+        """Run every sampling forward of this pipeline (`stream`, `stream_batched`, `generate`) on one
+        network thread that joins the calls of concurrent requests into one batch of at most `max_rows`
+        rows (`mrdit.forwards`): for a server with many requests at once on a CPU. The network behind it
+        is `self.net` at each call, so a background compile takes over there when it is ready."""
+        if self.shared is None:
+            self.shared = SharedForward(lambda x, t, y: self.net(x, t, y), self.config, max_rows=max_rows)
+        return self.shared
+
+    @property
+    def sampling_net(self):
+        """What the samplers call: the shared network thread if `share_forwards()` was called, else `net`."""
+        return self.shared if self.shared is not None else self.net
 
     @property
     def class_names(self) -> list[str]:
@@ -303,7 +319,7 @@ class Pipeline:
         noise, gens = noise_for_seeds(settings.seeds, (c.channels, c.image_size, c.image_size), self.device)
         labels = torch.tensor(settings.labels, device=self.device)
         for state in iterate(
-            self.net if intervention is None else self.model,
+            self.sampling_net if intervention is None else self.model,
             noise,
             labels,
             sampler=settings.sampler,
@@ -341,7 +357,7 @@ class Pipeline:
         guidance = [s.guidance for s in every for _ in s.seeds]
         plan = every[0]
         opts = SamplerSettings(plan.sampler, plan.steps, plan.guidance, plan.guidance_schedule, plan.guidance_power, plan.eta)
-        yield from iterate_rows(self.net, noise, labels, opts, guidance, gens)
+        yield from iterate_rows(self.sampling_net, noise, labels, opts, guidance, gens)
 
     def to_images(self, x: torch.Tensor) -> list[Image.Image]:
         return [Image.fromarray(a) for a in to_uint8(self.decoder(x).clamp(-1, 1))]

@@ -25,6 +25,11 @@ from mrdit.sampling import MAX_STEPS  # noqa: E402
 from mrdit.settings import MAX_SEED  # noqa: E402
 
 
+def _read(path: str) -> np.ndarray:
+    """An image the app hands out as a file of its own (app.image_file)."""
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,7 +169,7 @@ def test_fuzz_inputs_give_results_or_gr_errors(weights):
             assert "Something went wrong" not in e.message, (class_label, seed, steps, guidance, sampler)
             produced = False
         else:
-            final = out[-1][1]
+            final = [_read(f) for f in out[-1][1]]
             assert len(final) == 1 and final[0].shape == (16, 16, 3) and final[0].dtype == np.uint8
             assert "done" in out[-1][2]
             produced = True
@@ -181,7 +186,7 @@ def test_stochastic_sampler_is_offered_and_repeats_per_seed(weights):
     the same images, another seed another."""
 
     def final(seed):
-        return list(app.generate("heart", seed, 5, 2.0, "dpm++2m-sde", 2, "tiny"))[-1][1]
+        return [_read(f) for f in list(app.generate("heart", seed, 5, 2.0, "dpm++2m-sde", 2, "tiny"))[-1][1]]
 
     assert "dpm++2m-sde" in app.SAMPLERS
     a, b, c = final(4), final(4), final(5)
@@ -193,6 +198,7 @@ def test_generate_streams_then_scrub_step_mode_and_gif(weights, tmp_path, monkey
     monkeypatch.setattr(app, "CACHE", tmp_path)
     outs = list(app.generate("heart", 3, 6, 2.0, "dpm++2m", 2, "tiny"))
     panels, final, status, run, slider, sched, settle, adds = outs[-1]
+    panels, final = _read(panels), [_read(f) for f in final]
     assert len(final) == 2 and final[0].shape == (16, 16, 3)
     assert "done" in status and len(run.traj.frames) == 6
     headers = run.headers
@@ -362,3 +368,27 @@ def test_strings_through_the_api_get_messages_naming_the_field(weights, client):
     with pytest.raises(Exception, match="less than minimum"):  # numbers still get gradio's bounds check
         client.predict(**base | dict(seed=-1), api_name="/generate")
     client.predict(**base | dict(seed=7.0, steps=2.0), api_name="/generate")
+
+
+def test_on_the_cpu_requests_share_one_network_thread(weights, monkeypatch):
+    """Concurrent Generate requests go through the pipeline's shared forward (and get their images);
+    MRDIT_SHARED=0 (SHARED False) leaves every request its own forwards, as before."""
+    import threading
+
+    assert app.SHARED, "the CPU default is to share the network thread"
+    pipe = app.MODELS.get("tiny")
+    assert pipe.shared is not None and pipe.shared.max_rows == app.SHARED_ROWS
+    before = pipe.shared.calls
+    finals: dict[int, object] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: finals.setdefault(i, list(app.generate("heart", i, 4, 2.0, "ddim", 2, "tiny"))[-1][1]))
+        for i in range(3)
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert pipe.shared.calls - before == 3 * 4  # every step of every request went through it
+    assert all(len(finals[i]) == 2 for i in range(3))
+    monkeypatch.setattr(app, "SHARED", False)
+    assert app.ModelCache().get("tiny").shared is None

@@ -14,7 +14,7 @@ from conftest import ROOT, live_client
 from PIL import Image
 
 sys.path.insert(0, str(ROOT))
-from test_app import free_port, weights  # noqa: E402, F401
+from test_app import _read, free_port, weights  # noqa: E402, F401
 
 import app  # noqa: E402
 
@@ -22,7 +22,13 @@ pytestmark = pytest.mark.usefixtures("weights")  # the tiny model under a tempor
 
 
 def finished(*args, **kw):
-    return list(app.generate(*args, **kw))[-1]
+    """Generate's last outputs, with its panels and final images (files of their own) read back."""
+    return arrays(list(app.generate(*args, **kw))[-1])
+
+
+def arrays(outs: tuple) -> tuple:
+    panels, final, *rest = outs
+    return (_read(panels), [_read(f) for f in final] if final is not None else None, *rest)
 
 
 def test_generate_keeps_every_step_and_the_plots_cover_the_run():
@@ -103,12 +109,12 @@ def test_exports_and_a_bundle_that_replays_the_same_panels(tmp_path):
     bundle = Path(app.export_bundle(run))
     again = finished("heart", 2, 5, 2.0, "dpm++2m-sde", 2, "tiny")[3]
     assert Path(app.export_bundle(again)).read_bytes() == bundle.read_bytes()  # same settings and seed, same bytes
-    loaded = app.load_run(str(bundle))
+    loaded = arrays(app.load_run(str(bundle)))
     panels, final, status, lrun, slider = loaded[:5]
     assert "loaded" in status and "step 5 / 5" in status and slider["maximum"] == 5
     assert all((a == b).all() for a, b in zip(final, run.traj.final))
     for step in (1, 3, 5):
-        assert np.array_equal(app.scrub(step, lrun)[0], app.scrub(step, run)[0])
+        assert np.array_equal(_read(app.scrub(step, lrun)[0]), _read(app.scrub(step, run)[0]))
     upd, timer = app.play(5, lrun, 4)
     assert upd["value"] == 1 and timer.active
 

@@ -21,6 +21,8 @@ from mrdit.convert import config_from_official
 from mrdit.released import Release, is_ready, prepare
 
 sys.path.insert(0, str(ROOT))
+from test_app import _read  # noqa: E402
+
 import app  # noqa: E402
 
 LABEL = "Tiny release (test)"
@@ -116,11 +118,13 @@ def test_released_model_classes_previews_and_full_decode(served):
         pipe.resolve_label("CARDIGAN")
     outs = list(app.generate("cardigan", 3, 4, 2.0, "dpm++2m", 2, LABEL))
     panels, final, status, run = outs[-1][:4]
+    panels, final = _read(panels), [_read(f) for f in final]
     assert len(final) == 2 and final[0].shape == (64, 64, 3)  # decoded by the (2x) VAE
     assert "preview: linear approximation" in status and run.settings.labels == (474, 474)
     frame = run.traj.frames[1]
     assert [tuple(b.shape) for b in frame.branches] == [(2, 3, 16, 16), (2, 3, 32, 32)]  # each branch's own grid
     sheet, status = app.full_decode(2, run)  # the step being looked at, through the full VAE
+    sheet = _read(sheet)
     full = run.cache["full"][2]
     assert "preview: VAE decode" in status and "linear" not in status
     assert full.kind == "VAE decode" and [tuple(b.shape) for b in full.branches] == [(2, 3, 32, 32), (2, 3, 64, 64)]

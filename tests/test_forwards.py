@@ -1,0 +1,181 @@
+"""SharedForward: concurrent forwards joined into one batch on one network thread; each caller gets its
+own rows at its own time step, a bad call fails alone, an error reaches its batch only, and pipelines
+that share their forwards give every request the images it gets alone, for every sampler."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from mrdit.forwards import SharedForward
+from mrdit.pipeline import Pipeline
+from mrdit.sampling import SAMPLERS
+from mrdit.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir) -> Pipeline:
+    return Pipeline.from_pretrained(tiny_model_dir)
+
+
+def _inputs(cfg, rows: int, seed: int, step: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cfg.channels, cfg.image_size, cfg.image_size, generator=g)
+    y = torch.randint(0, cfg.num_classes - 1, (rows,), generator=g)
+    return x, torch.tensor([step]), y
+
+
+class Gate:
+    """A network whose first forward waits until released, so that later calls queue up behind it."""
+
+    def __init__(self, model) -> None:
+        self.model, self.config = model, model.config
+        self.release = threading.Event()
+        self.batches: list[int] = []
+
+    def __call__(self, x, t, y):
+        self.batches.append(x.shape[0])
+        if len(self.batches) == 1:
+            self.release.wait(10)
+        return self.model(x, t, y)
+
+
+def _concurrently(shared, calls) -> dict[int, list[torch.Tensor]]:
+    """The first call starts (and blocks at the gate), the others queue up; then the gate opens."""
+    out: dict[int, list[torch.Tensor]] = {}
+    errors: dict[int, Exception] = {}
+
+    def go(i, args):
+        try:
+            out[i] = shared(*args)
+        except Exception as e:
+            errors[i] = e
+
+    threads = [threading.Thread(target=go, args=(i, a)) for i, a in enumerate(calls)]
+    for th in threads:
+        th.start()
+        time.sleep(0.1)
+    shared.net.release.set()
+    for th in threads:
+        th.join(30)
+    return out | errors
+
+
+def test_waiting_calls_join_one_forward_and_get_their_own_rows_at_their_own_steps(pipe):
+    net = Gate(pipe.model)
+    shared = SharedForward(net, pipe.config, max_rows=64)
+    calls = [_inputs(pipe.config, 2, 0, 500.0), _inputs(pipe.config, 3, 1, 100.0), _inputs(pipe.config, 1, 2, 900.0)]
+    got = _concurrently(shared, calls)
+    assert net.batches == [2, 4], "the calls waiting behind the first did not join one forward"
+    assert (shared.forwards, shared.calls) == (2, 3)
+    with torch.no_grad():
+        for i, (x, t, y) in enumerate(calls):
+            alone = pipe.model(x, t, y)
+            assert len(got[i]) == len(alone)
+            for a, b in zip(got[i], alone):
+                assert a.shape == b.shape
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_oldest_call_goes_first_and_smaller_later_ones_fill_the_room_left(pipe):
+    cfg = pipe.config
+
+    class Tags:  # records which caller's rows (x filled with the caller's tag) each forward held
+        config = cfg
+
+        def __init__(self):
+            self.release, self.batches = threading.Event(), []
+
+        def __call__(self, x, t, y):
+            self.batches.append([int(v) for v in x[:, 0, 0, 0]])
+            if len(self.batches) == 1:
+                self.release.wait(10)
+            return [x.clone()]
+
+    def call(rows, tag):
+        x = torch.full((rows, cfg.channels, cfg.image_size, cfg.image_size), float(tag))
+        return x, torch.tensor([1.0]), torch.zeros(rows, dtype=torch.long)
+
+    net = Tags()
+    shared = SharedForward(net, cfg, max_rows=10)
+    calls = [call(1, 0), call(8, 1), call(8, 2), call(2, 3), call(12, 4)]
+    got = _concurrently(shared, calls)
+    assert net.batches[0] == [0]
+    # 8 rows first (the oldest waiting), then the 2-row call that still fits; the other 8 next; 12 alone.
+    assert net.batches[1:] == [[1] * 8 + [3] * 2, [2] * 8, [4] * 12]
+    for i, (x, _, _) in enumerate(calls):
+        assert torch.equal(got[i][0], x), f"call {i} got rows that are not its own"
+
+
+def test_a_bad_call_fails_alone_and_an_error_reaches_its_batch_only(pipe):
+    shared = SharedForward(pipe.model, pipe.config)
+    x, t, y = _inputs(pipe.config, 2, 0, 500.0)
+    with pytest.raises(ValueError, match="x must have shape"):
+        shared(x[:, :, :-1], t, y)
+
+    class Fails:
+        config = pipe.config
+
+        def __init__(self):
+            self.n = 0
+
+        def __call__(self, x, t, y):
+            self.n += 1
+            if self.n == 1:
+                raise RuntimeError("out of memory, say")
+            return pipe.model(x, t, y)
+
+    shared = SharedForward(Fails(), pipe.config)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        shared(x, t, y)
+    with torch.no_grad():
+        torch.testing.assert_close(shared(x, t, y)[0], pipe.model(x, t, y)[0])  # the thread went on
+
+
+def test_max_rows_must_be_positive(pipe):
+    with pytest.raises(ValueError, match="max_rows"):
+        SharedForward(pipe.model, pipe.config, max_rows=0)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_requests_sharing_forwards_get_the_images_they_get_alone(tiny_model_dir, sampler):
+    """Three requests at once with other samplers, step counts, guidance and seeds (stochastic samplers
+    with per-seed generators): each gets its own run's images, the forwards were shared, and one request
+    stopped after its first step leaves the others as they were."""
+    plain = Pipeline.from_pretrained(tiny_model_dir)
+    shared = Pipeline.from_pretrained(tiny_model_dir)
+    shared.share_forwards(max_rows=64)
+    requests = [
+        Settings(sampler, 6, 3.0, labels=(1, 0), seeds=(5, 6)),
+        Settings("ddim", 4, 1.0, labels=(0,), seeds=(7,)),
+        Settings(sampler, 5, 5.0, labels=(0, 0, 1), seeds=(5, 8, 9)),
+        Settings("dpm++2m", 6, 2.0, labels=(1,), seeds=(3,)),  # stopped after its first step
+    ]
+    out: dict[int, list[torch.Tensor]] = {}
+    start = threading.Barrier(len(requests))
+
+    def go(i, s):
+        start.wait()
+        out[i] = []
+        stream = shared.stream(s, previews=False)
+        for state, _ in stream:
+            out[i].append(state.x.clone())
+            if i == 3:
+                stream.close()
+                break
+
+    threads = [threading.Thread(target=go, args=(i, s)) for i, s in enumerate(requests)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert shared.shared.forwards < shared.shared.calls, "no forward was shared"
+    for i, s in enumerate(requests[:3]):
+        alone = [state.x for state, _ in plain.stream(s, previews=False)]
+        assert len(out[i]) == len(alone)
+        for a, b in zip(out[i], alone):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert len(out[3]) == 1
