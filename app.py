@@ -84,6 +84,10 @@ BATCH_IMAGES = 32
 # MRDIT_SHARED=0: every request runs its own forwards, in its own thread, as before.
 SHARED = os.environ.get("MRDIT_SHARED", "0" if torch.cuda.is_available() else "1") != "0"
 SHARED_ROWS = int(os.environ.get("MRDIT_SHARED_ROWS", "24"))  # a larger batch costs memory, not much less per row
+# The network thread runs a TorchScript trace of the network (mrdit.forwards.TracedNetwork), which the other
+# threads' Python work slows far less than the eager or compiled network; no background compile then.
+# MRDIT_TRACE=0: the network as before (eager, compiled when idle).
+TRACE = SHARED and os.environ.get("MRDIT_TRACE", "1") != "0"
 # Per-step previews streamed and kept for replay (MRDIT_PREVIEWS=0: the final step only, to measure what
 # previews cost: bench/stream_overhead.py).
 PREVIEWS = os.environ.get("MRDIT_PREVIEWS", "1") != "0"
@@ -226,10 +230,11 @@ class ModelCache:
             except CheckpointError as e:
                 raise InputError(f"model {choice!r} could not be loaded: {e}") from None
             pipe.name = choice
-            if COMPILE and pipe.config.autoencoder is None:
+            shared = SHARED and device == "cpu"
+            if COMPILE and pipe.config.autoencoder is None and not (shared and TRACE):
                 pipe.compile_in_background(idle_s=COMPILE_IDLE_S)
-            if SHARED and device == "cpu":
-                pipe.share_forwards(max_rows=SHARED_ROWS)
+            if shared:
+                pipe.share_forwards(max_rows=SHARED_ROWS, trace=TRACE).warm_up_async()
             self.items[path] = pipe
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
@@ -332,8 +337,10 @@ FRAMES = EXPORTS / "frames"
 _last_frame_sweep = [0.0]
 
 
-def image_file(image: np.ndarray, compress_level: int = 6) -> str:
-    """An output image as a PNG file of its own (a fresh name), for gradio to copy into its cache.
+def image_file(image: np.ndarray, compress_level: int = 1) -> str:
+    """An output image as a PNG file of its own (a fresh name), for gradio to copy into its cache. Low
+    compression: a panel sheet encodes about 3x faster than at zlib's default level 6 and comes out
+    about 13% larger, and under many users the encoding took a quarter of the request threads' time.
 
     Gradio writes an array output to a path named by the image's content, rewriting that file each time
     the same image goes out again; two sessions showing the same image at once (the default class and
@@ -346,12 +353,6 @@ def image_file(image: np.ndarray, compress_level: int = 6) -> str:
         _last_frame_sweep[0] = time.time()
         sweep_old(FRAMES, "*.png", 60.0)
     return str(path)
-
-
-def streamed_frame(sheet: np.ndarray) -> str:
-    """A streamed panel sheet at low compression (a few times faster to encode than the default while the
-    image changes every frame; the final panels go out at the default)."""
-    return image_file(sheet, compress_level=1)
 
 
 def render(run: Run, frame: Frame) -> np.ndarray:
@@ -526,7 +527,7 @@ def generate(class_label, seed, steps, guidance, sampler, num_images=4, model=DE
                 if now - last_emit >= STREAMS.interval() or state.index + 1 == state.total:
                     last_emit = now
                     status = status_text(frame, run.traj, now - t0)
-                    yield (streamed_frame(render(run, frame)), None, status, run, *([gr.update()] * 4))
+                    yield (image_file(render(run, frame)), None, status, run, *([gr.update()] * 4))
         assert state is not None and frame is not None
         _finish(pipe, run, state.x)
     except Exception as e:
@@ -548,7 +549,7 @@ def scrub(step, run: Run | None):
     status = status_text(frame, traj)
     if frame is traj.frames[-1] and traj.finished:
         status += " · done"
-    return streamed_frame(render(run, frame)), status, *plots(run, frame.step)
+    return image_file(render(run, frame)), status, *plots(run, frame.step)
 
 
 @shared_threads

@@ -24,7 +24,7 @@ from .checkpoint import load_model, resolve_model_dir
 from .classes import ClassIndex, ClassLookupError, read_synonyms
 from .compiled import FastForward
 from .config import ModelConfig
-from .forwards import SharedForward
+from .forwards import SharedForward, TracedNetwork
 from .interventions import Intervention, check_intervention
 from .preview import VAE_KIND, cached_linear_preview
 from .sampling import SamplerSettings, StepState, iterate, iterate_rows, noise_for_seeds
@@ -193,13 +193,19 @@ class Pipeline:
             return self.net.warm_up_when_idle(idle_s, batches)
         return self.net.warm_up_async(batches)
 
-    def share_forwards(self, max_rows: int = 64) -> SharedForward:
+    def share_forwards(self, max_rows: int = 64, trace: bool = False) -> SharedForward:
         """Run every sampling forward of this pipeline (`stream`, `stream_batched`, `generate`) on one
         network thread that joins the calls of concurrent requests into one batch of at most `max_rows`
         rows (`mrdit.forwards`): for a server with many requests at once on a CPU. The network behind it
-        is `self.net` at each call, so a background compile takes over there when it is ready."""
+        is `self.net` at each call, so a background compile takes over there when it is ready; with
+        `trace`, a TorchScript trace of the model instead (`TracedNetwork`, falling back to `self.net`
+        where a trace fails), which other threads' Python work slows far less."""
         if self.shared is None:
-            self.shared = SharedForward(lambda x, t, y: self.net(x, t, y), self.config, max_rows=max_rows)
+            def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+                return self.net(x, t, y)
+
+            chosen = TracedNetwork(self.model, fallback=net) if trace else net
+            self.shared = SharedForward(chosen, self.config, max_rows=max_rows)
         return self.shared
 
     @property

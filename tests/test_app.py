@@ -372,12 +372,19 @@ def test_strings_through_the_api_get_messages_naming_the_field(weights, client):
 
 def test_on_the_cpu_requests_share_one_network_thread(weights, monkeypatch):
     """Concurrent Generate requests go through the pipeline's shared forward (and get their images);
-    MRDIT_SHARED=0 (SHARED False) leaves every request its own forwards, as before."""
+    MRDIT_SHARED=0 (SHARED False) leaves every request its own forwards, as before. The network there is
+    traced (MRDIT_TRACE), both traces made by the warm-up at load, before any request."""
     import threading
 
-    assert app.SHARED, "the CPU default is to share the network thread"
+    from mrdit.forwards import TracedNetwork
+
+    assert app.SHARED and app.TRACE, "the CPU default is to share the network thread, traced"
     pipe = app.MODELS.get("tiny")
     assert pipe.shared is not None and pipe.shared.max_rows == app.SHARED_ROWS
+    assert isinstance(pipe.shared.net, TracedNetwork) and pipe.shared.warming is not None
+    pipe.shared.warming.join(60)
+    traces = dict(pipe.shared.net.traces)
+    assert len(traces) == 2 and all(v is not None for v in traces.values())
     before = pipe.shared.calls
     finals: dict[int, object] = {}
     threads = [
@@ -390,5 +397,6 @@ def test_on_the_cpu_requests_share_one_network_thread(weights, monkeypatch):
         th.join(60)
     assert pipe.shared.calls - before == 3 * 4  # every step of every request went through it
     assert all(len(finals[i]) == 2 for i in range(3))
+    assert pipe.shared.net.traces == traces, "a request made a trace of its own: the warm-up missed a kind"
     monkeypatch.setattr(app, "SHARED", False)
     assert app.ModelCache().get("tiny").shared is None

@@ -1,6 +1,8 @@
 """SharedForward: concurrent forwards joined into one batch on one network thread; each caller gets its
 own rows at its own time step, a bad call fails alone, an error reaches its batch only, and pipelines
-that share their forwards give every request the images it gets alone, for every sampler."""
+that share their forwards give every request the images it gets alone, for every sampler, with the
+network traced or not. TracedNetwork: the network's outputs, one checked trace per kind of call, and
+the plain network wherever a trace fails or disagrees."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ import time
 
 import pytest
 import torch
+from torch import nn
 
-from mrdit.forwards import SharedForward
+from mrdit.forwards import SharedForward, TracedNetwork
 from mrdit.pipeline import Pipeline
 from mrdit.sampling import SAMPLERS
 from mrdit.settings import Settings
@@ -140,14 +143,15 @@ def test_max_rows_must_be_positive(pipe):
         SharedForward(pipe.model, pipe.config, max_rows=0)
 
 
+@pytest.mark.parametrize("trace", [False, True])
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_requests_sharing_forwards_get_the_images_they_get_alone(tiny_model_dir, sampler):
+def test_requests_sharing_forwards_get_the_images_they_get_alone(tiny_model_dir, sampler, trace):
     """Three requests at once with other samplers, step counts, guidance and seeds (stochastic samplers
     with per-seed generators): each gets its own run's images, the forwards were shared, and one request
     stopped after its first step leaves the others as they were."""
     plain = Pipeline.from_pretrained(tiny_model_dir)
     shared = Pipeline.from_pretrained(tiny_model_dir)
-    shared.share_forwards(max_rows=64)
+    shared.share_forwards(max_rows=64, trace=trace)
     requests = [
         Settings(sampler, 6, 3.0, labels=(1, 0), seeds=(5, 6)),
         Settings("ddim", 4, 1.0, labels=(0,), seeds=(7,)),
@@ -179,3 +183,58 @@ def test_requests_sharing_forwards_get_the_images_they_get_alone(tiny_model_dir,
         for a, b in zip(out[i], alone):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert len(out[3]) == 1
+    if trace:
+        assert any(v is not None for v in shared.shared.net.traces.values()), "nothing ran traced"
+
+
+def test_traced_network_gives_the_network_outputs_with_one_checked_trace_per_kind(pipe):
+    traced = TracedNetwork(pipe.model)
+    with torch.no_grad():
+        for rows in (1, 3, 8):
+            x, t, y = _inputs(pipe.config, rows, rows, 300.0)
+            for tt in (t, torch.linspace(5.0, 995.0, rows), t.reshape(())):
+                got, want = traced(x, tt, y), pipe.model(x, tt, y)
+                assert len(got) == len(want) == len(pipe.config.branches)
+                for a, b in zip(got, want):
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # A shared step (0-d or (1,)) and a step per row: two kinds, each traced once and kept.
+    assert len(traced.traces) == 2 and all(v is not None for v in traced.traces.values())
+
+
+class BakedBatch(nn.Module):
+    """A network whose trace bakes its batch size in (a Python int from the shape): wrong at any other."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.calls = 0
+
+    def forward(self, x, t, y):
+        self.calls += 1
+        return [x * torch.arange(int(x.shape[0]), dtype=x.dtype).reshape(-1, 1, 1, 1)]
+
+
+class NotTraceable(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, x, t, y):
+        return [x + 1.0, {"not": "a tensor"}]
+
+
+def test_traced_network_falls_back_where_a_trace_is_wrong_or_fails(pipe, caplog):
+    cfg = pipe.config
+    x, t, y = _inputs(cfg, 3, 0, 300.0)
+    baked = BakedBatch(cfg)
+    traced = TracedNetwork(baked)
+    for rows in (3, 5):  # traced at 3 rows and checked at 4: the check catches it, every call is plain
+        xr = torch.cat([x, x])[:rows]
+        out = traced(xr, t, torch.zeros(rows, dtype=torch.long))
+        torch.testing.assert_close(out[0], baked(xr, t, y)[0])
+    assert traced.traces == {(True, t.dtype, y.dtype): None}
+    assert "runs untraced" in caplog.text
+
+    seen = []
+    fallback = TracedNetwork(NotTraceable(cfg), fallback=lambda *a: seen.append(a) or ["plain"])
+    assert fallback(x, t, y) == ["plain"] and len(seen) == 1
