@@ -234,7 +234,10 @@ class ModelCache:
             if COMPILE and pipe.config.autoencoder is None and not (shared and TRACE):
                 pipe.compile_in_background(idle_s=COMPILE_IDLE_S)
             if shared:
-                pipe.share_forwards(max_rows=SHARED_ROWS, trace=TRACE).warm_up_async()
+                try:  # the traces, before any request
+                    pipe.share_forwards(max_rows=SHARED_ROWS, trace=TRACE).warm_up()
+                except Exception as e:  # the requests meet it too, with their own message
+                    log.warning("warming up %s failed: %s", choice, e)
             self.items[path] = pipe
             while len(self.items) > self.size:
                 self.items.popitem(last=False)

@@ -63,7 +63,6 @@ class SharedForward:
         self._pending: list[_Call] = []
         self._ready = threading.Condition()
         self._thread: threading.Thread | None = None
-        self.warming: threading.Thread | None = None  # the latest `warm_up_async` thread
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         if threading.current_thread() is self._thread:  # a call from inside a forward: run it here
@@ -82,25 +81,14 @@ class SharedForward:
         assert call.outs is not None
         return call.outs
 
-    def warm_up_async(self, rows: int = 2) -> threading.Thread:
-        """Two calls of `rows` rows from a background thread, one at a shared time step and one with a
-        step per row: a `TracedNetwork` makes both its traces then, before the first request. The calls
-        queue like any other, so a request that comes first waits for them (under a second on 2 cores)."""
+    def warm_up(self, rows: int = 2) -> None:
+        """Two calls of `rows` rows, one at a shared time step and one with a step per row: a
+        `TracedNetwork` makes both its traces then (about a second on 2 cores), before the first request."""
         c = self.config
         x = torch.zeros(rows, c.channels, c.image_size, c.image_size)
         y = torch.zeros(rows, dtype=torch.long)
-
-        def run() -> None:
-            try:
-                self(x, torch.full((1,), 500.0), y)
-                self(x, torch.linspace(10.0, 990.0, rows), y)
-            except Exception as e:  # the requests will meet the same error, with their own message
-                log.warning("warming up the network failed: %s", e)
-
-        thread = threading.Thread(target=run, name="mrdit-network-warm-up", daemon=True)
-        thread.start()
-        self.warming = thread
-        return thread
+        self(x, torch.full((1,), 500.0), y)
+        self(x, torch.linspace(10.0, 990.0, rows), y)
 
     def _take(self) -> list[_Call]:
         """The oldest waiting call, then every later one, in order of arrival, that still fits in
