@@ -148,6 +148,7 @@ class Evaluation:
     sampler: str
     guidance_schedule: str = "constant"
     guidance_power: float = 1.0
+    eta: float | None = None  # the sampler's own default when None
     fd_floor: float
     fd_low: float | None = None  # low-level Frechet distance (mrdit.judge.low_level_features); None before it
     fd_low_floor: float | None = None

@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default="constant")
     p.add_argument("--guidance-power", type=float, default=1.0)
     p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help=f"(default {DEFAULT_SAMPLER})")
+    p.add_argument(
+        "--eta",
+        type=float,
+        help="fresh noise of dpm++2m-sde (default 1; 0 is dpm++2m), ddim (default 0) and ddpm (default 1)",
+    )
     p.add_argument("--out", type=Path, required=True, help="PNG grid of the final images")
     p.add_argument("--gif", type=Path, help="also write the trajectory (x_t and each branch's estimate) as a GIF")
     p.add_argument(
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "a one-off wait (about a minute per batch shape for a large model), then faster steps",
     )
     args = p.parse_args(argv)
-    names = ("sampler", "steps", "guidance", "guidance_schedule", "guidance_power")
+    names = ("sampler", "steps", "guidance", "guidance_schedule", "guidance_power", "eta")
     sampler = {name: getattr(args, name) for name in names}  # the flags of SamplerSettings
     try:  # what can be checked before the model loads
         SamplerSettings(**sampler)

@@ -19,7 +19,8 @@ network evaluations.
 - `dpm++2m`: multistep DPM-Solver++ (2nd order), one evaluation per step, last step to the clean end.
 - `dpm++2m-sde`: the stochastic counterpart of `dpm++2m` (DPM-Solver++(2M) for the reverse SDE, Lu et
   al. 2022b): each step is the DDPM posterior step plus a second-order correction from the previous
-  prediction, so it injects fresh noise like `ddpm` but needs far fewer steps.
+  prediction, so it injects fresh noise like `ddpm` but needs far fewer steps. Its `eta` (default 1)
+  scales the noise it injects: 0 is `dpm++2m`.
 - `ddim` (deterministic with eta = 0) and `ddpm` (ancestral, i.e. DDIM with eta = 1).
 
 Pixel-space models clamp clean-image estimates to [-1, 1] (config `clip_x0`), as DDPM did: near t = 1
@@ -186,21 +187,25 @@ def sample_dpm_fast(
 
 
 def _dpmpp_2m(
-    denoise: BranchDenoiser, x: torch.Tensor, ts: torch.Tensor, sde: bool, generators: Generators
+    denoise: BranchDenoiser, x: torch.Tensor, ts: torch.Tensor, eta: float, generators: Generators
 ) -> Iterator[StepState]:
-    """Multistep DPM-Solver++(2M) in data prediction D, for the ODE or (`sde`) the reverse SDE. With
+    """Multistep DPM-Solver++(2M) in data prediction D, for the ODE (`eta` = 0) or the reverse SDE. With
     h = lambda_t - lambda_s and D_2 = D_s + (h / 2) (D_s - D_prev) / h_prev, the data prediction at the
     middle of the step extrapolated linearly in lambda from the two latest evaluations:
 
         ODE: x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^-h) D_2                    (Lu et al. 2022b, Alg. 2)
-        SDE: x_t = (sigma_t / sigma_s) e^-h x_s + alpha_t (1 - e^-2h) D_2 + sigma_t sqrt(1 - e^-2h) z
+        SDE: x_t = (sigma_t / sigma_s) e^-(eta h) x_s + alpha_t (1 - e^-((1 + eta) h)) D_2
+                   + sigma_t sqrt(1 - e^-(2 eta h)) z
 
-    The SDE update with D_s in place of D_2 is DDPM's posterior step. The first step is first order,
-    and for the SDE so is the step to t = 1/N: on a grid uniform in t its lambda-step is several times
-    the one before, and extrapolating D, which carries the injected noise, that far inflates the final
-    noise (docs/experiments.md, Samplers and guidance). The last step lands on D (sigma = 0)."""
+    `eta` sets the fresh noise: 1 is the SDE of Lu et al. (whose update with D_s in place of D_2 is
+    DDPM's posterior step), 0 the ODE, and values between inject less noise per step. The first step
+    is first order, and for eta > 0 so is the step to t = 1/N: on a grid uniform in t its lambda-step
+    is several times the one before, and extrapolating D, which carries the injected noise, that far
+    inflates the final noise (docs/experiments.md, Samplers and guidance). The last step lands on D
+    (sigma = 0)."""
     ns = denoise.schedule
     steps = len(ts) - 1
+    sde = eta > 0
     d_prev, h_prev = None, None
     for i in range(steps):
         s, t = ts[i], ts[i + 1]
@@ -215,9 +220,10 @@ def _dpmpp_2m(
                 r = h_prev / h
                 d_use = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * d_prev
             if sde:
-                keep = -torch.expm1(-2 * h)  # 1 - e^-2h
-                x = (ns.sigma(t) / ns.sigma(s)) * torch.exp(-h) * x + ns.alpha(t) * keep * d_use
-                x = x + ns.sigma(t) * torch.sqrt(keep) * _noise_like(x, generators)
+                signal = -torch.expm1(-(1 + eta) * h)  # 1 - e^-((1 + eta) h)
+                fresh = signal if eta == 1.0 else -torch.expm1(-2 * eta * h)  # 1 - e^-(2 eta h)
+                x = (ns.sigma(t) / ns.sigma(s)) * torch.exp(-eta * h) * x + ns.alpha(t) * signal * d_use
+                x = x + ns.sigma(t) * torch.sqrt(fresh) * _noise_like(x, generators)
             else:
                 x = (ns.sigma(t) / ns.sigma(s)) * x - ns.alpha(t) * torch.expm1(-h) * d_use
             h_prev = h
@@ -230,16 +236,19 @@ def sample_dpmpp_2m(
 ) -> Iterator[StepState]:
     """Multistep DPM-Solver++(2M) for the ODE (Lu et al. 2022b, Alg. 2), one evaluation per interval of
     `ts` (`uniform_grid_to_clean`), the last step to the clean end. Deterministic: `generators` is unused."""
-    yield from _dpmpp_2m(denoise, x, ts, sde=False, generators=None)
+    yield from _dpmpp_2m(denoise, x, ts, eta=0.0, generators=None)
 
 
 def sample_dpmpp_2m_sde(
-    denoise: BranchDenoiser, x: torch.Tensor, ts: torch.Tensor, *, generators: Generators = None
+    denoise: BranchDenoiser, x: torch.Tensor, ts: torch.Tensor, *, generators: Generators = None, eta: float = 1.0
 ) -> Iterator[StepState]:
     """DPM-Solver++(2M) for the reverse SDE (Lu et al. 2022b): each step is the DDPM posterior step plus
     a second-order correction from the previous prediction, so it injects fresh noise like `ddpm` (from
-    `generators`, one per image) but needs far fewer steps."""
-    yield from _dpmpp_2m(denoise, x, ts, sde=True, generators=generators)
+    `generators`, one per image) but needs far fewer steps. `eta` < 1 injects less noise per step (0 is
+    `dpm++2m`)."""
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    yield from _dpmpp_2m(denoise, x, ts, eta=float(eta), generators=generators)
 
 
 def sample_ddim(
@@ -293,7 +302,7 @@ class SamplerSpec:
 SAMPLER_REGISTRY: dict[str, SamplerSpec] = {
     "dpm-fast": SamplerSpec(sample_dpm_fast, uniform_grid, stochastic=False, update_times=dpm_fast_update_times),
     "dpm++2m": SamplerSpec(sample_dpmpp_2m, uniform_grid_to_clean, stochastic=False),
-    "dpm++2m-sde": SamplerSpec(sample_dpmpp_2m_sde, uniform_grid_to_clean, stochastic=True),
+    "dpm++2m-sde": SamplerSpec(sample_dpmpp_2m_sde, uniform_grid_to_clean, stochastic=True, eta=1.0),
     "ddim": SamplerSpec(sample_ddim, uniform_grid_to_clean, stochastic=False, eta=0.0),
     "ddpm": SamplerSpec(sample_ddim, uniform_grid_to_clean, stochastic=True, eta=1.0),
 }
@@ -342,7 +351,7 @@ class SamplerSettings:
             takes = [name for name, spec in SAMPLER_REGISTRY.items() if spec.eta is not None]
             if self.sampler not in takes or not _number(self.eta) or not math.isfinite(self.eta) or self.eta < 0:
                 raise ValueError(
-                    f"eta applies to {' and '.join(takes)} only, as a finite number >= 0; "
+                    f"eta applies to {', '.join(takes[:-1])} and {takes[-1]} only, as a finite number >= 0; "
                     f"got eta={self.eta!r} with {self.sampler}"
                 )
             object.__setattr__(self, "eta", float(self.eta))
@@ -381,8 +390,8 @@ def iterate(
 ) -> Iterator[StepState]:
     """Yield a StepState after every solver update, starting from `noise` (x at t = 1).
 
-    The settings are those of `SamplerSettings` (`eta`: default 0 for `ddim`, 1 for `ddpm`; the other
-    samplers refuse it). `generators` (one per image) drive the fresh noise of stochastic samplers.
+    The settings are those of `SamplerSettings` (`eta`: default 0 for `ddim`, 1 for `ddpm` and `dpm++2m-sde`;
+    the other samplers refuse it). `generators` (one per image) drive the fresh noise of stochastic samplers.
     `intervention` (see `mrdit.interventions`; DiMR networks only, not a compiled wrapper) edits the
     branch hand-offs; `BranchGuidance` replaces `guidance` and needs the constant schedule.
     """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -90,6 +91,45 @@ def test_stochastic_second_order_beats_ddpm_and_starts_as_ddpm():
     sde, ddpm = run("dpm++2m-sde", 12), run("ddpm", 12)
     assert abs(float(sde.std()) - STD) < 0.04 < abs(float(ddpm.std()) - STD)  # measured: 0.02 vs 0.09
     assert abs(float(sde.mean()) - MU) < 0.01
+
+
+@pytest.mark.parametrize("eta", [0.25, 0.5, 1.0])
+def test_sde_eta_first_step_is_the_closed_form(eta):
+    """dpm++2m-sde's first (first-order) step with `eta`, against the update written out here:
+    x_t = (sigma_t / sigma_s) e^-(eta h) x_s + alpha_t (1 - e^-((1 + eta) h)) D + sigma_t sqrt(1 - e^-(2 eta h)) z."""
+    n = 64
+    model = GaussianDenoiser()
+    ns = model.schedule
+    noise = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    first = next(iter(iterate(model, noise, torch.zeros(n, dtype=torch.long), sampler="dpm++2m-sde", steps=4,
+                              eta=eta, generators=gens)))
+    s, t = torch.tensor(1.0), torch.tensor(first.t)
+    a_s, s_s, a_t, s_t = (float(v) for v in (ns.alpha(s), ns.sigma(s), ns.alpha(t), ns.sigma(t)))
+    h = math.log(a_t / s_t) - math.log(a_s / s_s)
+    d = first.x0[0].double()  # the exact posterior mean at t = 1
+    z = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(n)]).double()
+    want = (s_t / s_s) * math.exp(-eta * h) * noise.double() + a_t * (1 - math.exp(-(1 + eta) * h)) * d
+    want = want + s_t * math.sqrt(1 - math.exp(-2 * eta * h)) * z
+    assert torch.allclose(first.x.double(), want, atol=1e-5)
+
+
+def test_sde_eta_ends_equal_the_ode_and_keep_the_data_spread():
+    """eta = 0 is dpm++2m exactly (and draws no noise); eta = 0.5 reaches the data's mean and spread."""
+    n = 2000
+    model = GaussianDenoiser()
+    noise = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(n, dtype=torch.long)
+
+    def run(eta, seed0=0):
+        gens = [torch.Generator().manual_seed(seed0 + i) for i in range(n)]
+        return sample(model, noise, labels, sampler="dpm++2m-sde", steps=12, eta=eta, generators=gens)
+
+    ode = sample(model, noise, labels, sampler="dpm++2m", steps=12)
+    assert torch.equal(run(0.0), ode) and torch.equal(run(0.0, seed0=500), ode)
+    half = run(0.5)
+    assert not torch.equal(half, run(0.5, seed0=500))
+    assert abs(float(half.std()) - STD) < 0.04 and abs(float(half.mean()) - MU) < 0.01
 
 
 @pytest.fixture(scope="module")
@@ -192,13 +232,13 @@ def test_power_cosine_rises_from_one_to_max():
         (dict(guidance=float("nan")), "guidance"),
         (dict(guidance=-1.0), "guidance"),
         (dict(guidance_schedule="linear"), "guidance_schedule"),
-        (dict(sampler="dpm++2m-sde", eta=0.5), "eta applies to ddim and ddpm only"),
-        (dict(sampler="ddim", eta=-1.0), "eta applies to ddim and ddpm only"),
+        (dict(sampler="dpm++2m", eta=0.5), "eta applies to dpm++2m-sde, ddim and ddpm only"),
+        (dict(sampler="ddim", eta=-1.0), "eta applies to dpm++2m-sde, ddim and ddpm only"),
     ],
 )
 def test_bad_arguments(tiny, kw, msg):
     args = dict(sampler="ddim", steps=3) | kw
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(ValueError, match=re.escape(msg)):
         sample(tiny, torch.randn(1, 3, 16, 16), torch.tensor([0]), **args)
 
 
@@ -359,7 +399,7 @@ def test_fuzz_sampler_arguments(tiny):
         assert sampler in SAMPLERS and type(steps) is int and 1 <= steps <= MAX_STEPS, kw
         for v in (kw["guidance"], kw["guidance_power"]):
             assert type(v) in (int, float) and math.isfinite(v) and v >= 0, kw
-        assert eta is None or (sampler in ("ddim", "ddpm") and math.isfinite(eta) and eta >= 0), kw
+        assert eta is None or (sampler in ("ddim", "ddpm", "dpm++2m-sde") and math.isfinite(eta) and eta >= 0), kw
         # ... and sampled through to the end.
         assert [s.index for s in states] == list(range(len(states))) and states[-1].total == len(states), kw
         assert states[-1].nfe == steps == len(spy.batches), kw

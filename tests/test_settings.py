@@ -72,9 +72,9 @@ def test_a_bad_field_is_an_input_error_that_names_it(field, value):
 
 @pytest.mark.parametrize("eta", ["0.5", -1.0, float("nan")])
 def test_eta_only_where_a_sampler_takes_it(eta):
-    with pytest.raises(InputError, match="^eta applies to ddim and ddpm only"):
+    with pytest.raises(InputError, match="^eta applies to dpm\\+\\+2m-sde, ddim and ddpm only"):
         Settings(**GOOD | dict(sampler="dpm++2m", eta=0.5))
-    with pytest.raises(InputError, match=f"^eta applies to ddim and ddpm only.*got eta={eta!r}"):
+    with pytest.raises(InputError, match="^eta applies to dpm\\+\\+2m-sde, ddim and ddpm only" + f".*got eta={eta!r}"):
         Settings(**GOOD | dict(eta=eta))
     assert Settings(**GOOD | dict(sampler="ddpm", eta=0.5)).eta == 0.5
 

@@ -176,6 +176,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     p.add_argument("--guidance-power", type=float, default=1.0, help="p of the power-cosine schedule")
     p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help=f"(default {DEFAULT_SAMPLER})")
     p.add_argument(
+        "--eta", type=float, help="the sampler's fresh noise, for dpm++2m-sde, ddim and ddpm (default: the sampler's)"
+    )
+    p.add_argument(
         "--classifier-epochs",
         type=int,
         default=JUDGE_EPOCHS,
@@ -196,7 +199,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     if args.per_class < 1:
         p.error("--per-class must be >= 1")
     try:  # the sampler's own checks, with messages that name the field
-        SamplerSettings(args.sampler, args.steps, args.guidance, args.guidance_schedule, args.guidance_power)
+        SamplerSettings(args.sampler, args.steps, args.guidance, args.guidance_schedule, args.guidance_power, args.eta)
     except ValueError as e:
         p.error(str(e))
     if args.classifier_epochs < 1:
@@ -300,7 +303,7 @@ def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
         "sampler": args.sampler,
         "guidance_schedule": args.guidance_schedule,
         "guidance_power": args.guidance_power,
-    }
+    } | ({} if args.eta is None else {"eta": args.eta})
 
 
 def evaluation_record(measured: dict, judge: Judge, command: str, hardware: str, tuning: bool) -> Evaluation:
