@@ -97,7 +97,7 @@ GENERATE_CONCURRENCY = 16 if BATCH or SHARED else 2
 MALLOC_ARENAS = int(os.environ.get("MRDIT_MALLOC_ARENAS", "2"))
 MAX_IMAGES = 16  # images per request: the app's limit (the library has none)
 DISPLAY = 96  # every panel is shown at this size, nearest-neighbour, so model pixels stay honest
-STREAM_INTERVAL = float(os.environ.get("MRDIT_STREAM_INTERVAL", "0.25"))  # s between streamed frames; the last is always shown
+STREAM_INTERVAL = float(os.environ.get("MRDIT_STREAM_INTERVAL", "0.5"))  # s between streamed frames; the last is always shown
 # Per-session trajectory budget: beyond it an evenly spaced subset of steps (first and last included) is kept.
 TRAJECTORY_MB = float(os.environ.get("MRDIT_TRAJECTORY_MB", "48"))
 RELEASED = RELEASES  # menu label -> mrdit.released.Release
