@@ -221,7 +221,7 @@ def _dpmpp_2m(
                 d_use = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * d_prev
             if sde:
                 signal = -torch.expm1(-(1 + eta) * h)  # 1 - e^-((1 + eta) h)
-                fresh = signal if eta == 1.0 else -torch.expm1(-2 * eta * h)  # 1 - e^-(2 eta h)
+                fresh = -torch.expm1(-2 * eta * h)  # 1 - e^-(2 eta h)
                 x = (ns.sigma(t) / ns.sigma(s)) * torch.exp(-eta * h) * x + ns.alpha(t) * signal * d_use
                 x = x + ns.sigma(t) * torch.sqrt(fresh) * _noise_like(x, generators)
             else:
