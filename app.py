@@ -83,7 +83,9 @@ BATCH_IMAGES = 32
 # threads run their tensor work on one OpenMP thread each (mrdit.forwards, mrdit.threads; bench/NOTES.md).
 # MRDIT_SHARED=0: every request runs its own forwards, in its own thread, as before.
 SHARED = os.environ.get("MRDIT_SHARED", "0" if torch.cuda.is_available() else "1") != "0"
-SHARED_ROWS = int(os.environ.get("MRDIT_SHARED_ROWS", "24"))  # a larger batch costs memory, not much less per row
+# 16 rows: two default requests per forward; a step-mode click, which goes first, waits at most for one
+# such forward (a larger batch costs memory and the clicks' wait, and saves little per row).
+SHARED_ROWS = int(os.environ.get("MRDIT_SHARED_ROWS", "16"))
 # The network thread runs a TorchScript trace of the network (mrdit.forwards.TracedNetwork), which the other
 # threads' Python work slows far less than the eager or compiled network; no background compile then.
 # MRDIT_TRACE=0: the network as before (eager, compiled when idle).
@@ -631,7 +633,8 @@ def step_next(run: Run | None):
     if run is None or run.stepper is None:
         raise gr.Error("Start step mode first.", print_exception=False)
     try:
-        state, pv = next(run.stepper)
+        with run.cache["pipe"].forwards_first():  # a person waits on this one forward: it goes first
+            state, pv = next(run.stepper)
     except StopIteration:
         run.stepper = None
         raise gr.Error("The sampler has finished; start again for a new run.", print_exception=False) from None

@@ -12,6 +12,10 @@ thread, so one OpenMP pool serves them (`mrdit.threads`). A caller that stops ca
 request) leaves the others as they were. Every row is what the network gives it in a batch of these
 rows: equal to its own forward up to float rounding, which changes with the batch size.
 
+Calls made inside `with shared.first():` (a step-mode click: one forward a person waits on) go ahead
+of the others, in forwards of their own: such a call waits only for the forward that is running, then
+runs at its own small size, instead of waiting its turn behind long requests' forwards.
+
 `TracedNetwork` is the network to give it on a CPU: a TorchScript trace runs the whole forward in C++
 with the GIL released, so the Python work of the server's other threads does not stall it between
 its operations as it stalls the eager network (bench/NOTES.md).
@@ -19,10 +23,11 @@ its operations as it stalls the eager network (bench/NOTES.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +48,7 @@ class _Call:
     done: threading.Event = field(default_factory=threading.Event)
     outs: list[torch.Tensor] | None = None
     error: BaseException | None = None
+    first: bool = False  # made inside `SharedForward.first()`: served before the others
 
     @property
     def rows(self) -> int:
@@ -63,12 +69,13 @@ class SharedForward:
         self._pending: list[_Call] = []
         self._ready = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._local = threading.local()  # .first: this thread's calls go first
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         if threading.current_thread() is self._thread:  # a call from inside a forward: run it here
             return self.net(x, t, y)
         check_inputs(self.config, x, t, y)  # a bad call fails alone, not the batch it would join
-        call = _Call(x, t, y)
+        call = _Call(x, t, y, first=getattr(self._local, "first", False))
         with self._ready:
             self._pending.append(call)
             if self._thread is None:
@@ -81,6 +88,18 @@ class SharedForward:
         assert call.outs is not None
         return call.outs
 
+    @contextlib.contextmanager
+    def first(self) -> Iterator[None]:
+        """This thread's calls in the block go ahead of every other waiting call, in forwards of their
+        own (with the other calls made in such blocks): for forwards a person waits on, one at a time,
+        such as a step-mode click. Long requests' calls wait at most for those, which are small."""
+        before = getattr(self._local, "first", False)
+        self._local.first = True
+        try:
+            yield
+        finally:
+            self._local.first = before
+
     def warm_up(self, rows: int = 2) -> None:
         """Two calls of `rows` rows, one at a shared time step and one with a step per row: a
         `TracedNetwork` makes both its traces then (about a second on 2 cores), before the first request."""
@@ -92,11 +111,13 @@ class SharedForward:
 
     def _take(self) -> list[_Call]:
         """The oldest waiting call, then every later one, in order of arrival, that still fits in
-        `max_rows` (under the lock): a small call (a step-mode click) joins the next forward whenever
-        there is room left, and the oldest call never waits for more than the forward that is running."""
-        batch = [self._pending[0]]
+        `max_rows` (under the lock), so the oldest call never waits for more than the forward that is
+        running. Calls made in `first()` blocks go before the others, in a forward of their own."""
+        firsts = [c for c in self._pending if c.first]
+        waiting = firsts or self._pending
+        batch = [waiting[0]]
         rows = batch[0].rows
-        for c in self._pending[1:]:
+        for c in waiting[1:]:
             if rows + c.rows <= self.max_rows:
                 batch.append(c)
                 rows += c.rows

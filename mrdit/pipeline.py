@@ -6,6 +6,8 @@ The CLI (`python -m mrdit.generate`) and the app both go through `Pipeline.valid
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import numbers
 import threading
@@ -207,6 +209,11 @@ class Pipeline:
             chosen = TracedNetwork(self.model, fallback=net) if trace else net
             self.shared = SharedForward(chosen, self.config, max_rows=max_rows)
         return self.shared
+
+    def forwards_first(self) -> contextlib.AbstractContextManager:
+        """A block whose sampling forwards, in this thread, go ahead of other requests' on the shared
+        network thread (`SharedForward.first`); without one, a block that changes nothing."""
+        return self.shared.first() if self.shared is not None else contextlib.nullcontext()
 
     @property
     def sampling_net(self):

@@ -113,6 +113,66 @@ def test_the_oldest_call_goes_first_and_smaller_later_ones_fill_the_room_left(pi
         assert torch.equal(got[i][0], x), f"call {i} got rows that are not its own"
 
 
+def test_calls_made_first_go_ahead_of_older_ones_in_forwards_of_their_own(pipe):
+    cfg = pipe.config
+
+    class Tags:  # records which caller's rows (x filled with the caller's tag) each forward held
+        config = cfg
+
+        def __init__(self):
+            self.release, self.batches = threading.Event(), []
+
+        def __call__(self, x, t, y):
+            self.batches.append([int(v) for v in x[:, 0, 0, 0]])
+            if len(self.batches) == 1:
+                self.release.wait(10)
+            return [x.clone()]
+
+    def call(rows, tag):
+        x = torch.full((rows, cfg.channels, cfg.image_size, cfg.image_size), float(tag))
+        return x, torch.tensor([1.0]), torch.zeros(rows, dtype=torch.long)
+
+    net = Tags()
+    shared = SharedForward(net, cfg, max_rows=10)
+    calls = [call(1, 0), call(4, 1), call(2, 2), call(4, 3), call(2, 4)]
+    firsts = {2, 4}  # step-mode clicks, say: made inside `first()`
+    out: dict[int, list[torch.Tensor]] = {}
+
+    def go(i, args):
+        if i in firsts:
+            with shared.first():
+                out[i] = shared(*args)
+        else:
+            out[i] = shared(*args)
+
+    threads = [threading.Thread(target=go, args=(i, a)) for i, a in enumerate(calls)]
+    for th in threads:
+        th.start()
+        time.sleep(0.1)
+    net.release.set()
+    for th in threads:
+        th.join(30)
+    # The running forward ends; then the two first calls, alone, although 1 and 3 waited longer; then 1 and 3.
+    assert net.batches == [[0], [2] * 2 + [4] * 2, [1] * 4 + [3] * 4]
+    for i, (x, _, _) in enumerate(calls):
+        assert torch.equal(out[i][0], x), f"call {i} got rows that are not its own"
+    # The block ends with the thread's calls back in line, and nesting keeps the outer block's setting.
+    with shared.first():
+        with shared.first():
+            pass
+        assert shared._local.first
+    assert not shared._local.first
+
+
+def test_pipeline_forwards_first_is_a_plain_block_without_a_shared_thread(tiny_model_dir):
+    pipe = Pipeline.from_pretrained(tiny_model_dir)
+    with pipe.forwards_first():  # no shared thread: nothing to reorder, and nothing fails
+        pass
+    shared = pipe.share_forwards(max_rows=8)
+    with pipe.forwards_first():
+        assert shared._local.first
+
+
 def test_a_bad_call_fails_alone_and_an_error_reaches_its_batch_only(pipe):
     shared = SharedForward(pipe.model, pipe.config)
     x, t, y = _inputs(pipe.config, 2, 0, 500.0)
