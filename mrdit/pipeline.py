@@ -7,7 +7,6 @@ The CLI (`python -m mrdit.generate`) and the app both go through `Pipeline.valid
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import numbers
 import threading
