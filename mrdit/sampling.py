@@ -187,7 +187,13 @@ def sample_dpm_fast(
 
 
 def _dpmpp_2m(
-    denoise: BranchDenoiser, x: torch.Tensor, ts: torch.Tensor, eta: float, generators: Generators
+    denoise: BranchDenoiser,
+    x: torch.Tensor,
+    ts: torch.Tensor,
+    eta: float,
+    generators: Generators,
+    ode_below: float = 0.0,
+    second_order_end: bool = False,
 ) -> Iterator[StepState]:
     """Multistep DPM-Solver++(2M) in data prediction D, for the ODE (`eta` = 0) or the reverse SDE. With
     h = lambda_t - lambda_s and D_2 = D_s + (h / 2) (D_s - D_prev) / h_prev, the data prediction at the
@@ -202,13 +208,17 @@ def _dpmpp_2m(
     is first order, and for eta > 0 so is the step to t = 1/N: on a grid uniform in t its lambda-step
     is several times the one before, and extrapolating D, which carries the injected noise, that far
     inflates the final noise (docs/experiments.md, Samplers and guidance). The last step lands on D
-    (sigma = 0)."""
+    (sigma = 0).
+
+    Two variants of the SDE's tail, for measurement (docs/evaluation.md): steps that start at
+    s <= `ode_below` take the ODE update (no fresh noise, and second order to t = 1/N), and
+    `second_order_end` keeps the step to t = 1/N second order with the noise."""
     ns = denoise.schedule
     steps = len(ts) - 1
-    sde = eta > 0
     d_prev, h_prev = None, None
     for i in range(steps):
         s, t = ts[i], ts[i + 1]
+        sde = eta > 0 and float(s) > ode_below
         p = denoise(x, s)
         d = p.data
         if float(t) == 0.0:
@@ -216,7 +226,7 @@ def _dpmpp_2m(
         else:
             h = ns.log_snr(t) - ns.log_snr(s)
             d_use = d
-            if d_prev is not None and not (sde and i == steps - 2):
+            if d_prev is not None and not (sde and i == steps - 2 and not second_order_end):
                 r = h_prev / h
                 d_use = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * d_prev
             if sde:
@@ -240,15 +250,28 @@ def sample_dpmpp_2m(
 
 
 def sample_dpmpp_2m_sde(
-    denoise: BranchDenoiser, x: torch.Tensor, ts: torch.Tensor, *, generators: Generators = None, eta: float = 1.0
+    denoise: BranchDenoiser,
+    x: torch.Tensor,
+    ts: torch.Tensor,
+    *,
+    generators: Generators = None,
+    eta: float = 1.0,
+    ode_below: float = 0.0,
+    second_order_end: bool = False,
 ) -> Iterator[StepState]:
     """DPM-Solver++(2M) for the reverse SDE (Lu et al. 2022b): each step is the DDPM posterior step plus
     a second-order correction from the previous prediction, so it injects fresh noise like `ddpm` (from
     `generators`, one per image) but needs far fewer steps. `eta` < 1 injects less noise per step (0 is
-    `dpm++2m`)."""
+    `dpm++2m`). `ode_below` (in [0, 1]) makes the steps that start at t <= it deterministic, and
+    `second_order_end` keeps the step to t = 1/N second order; the defaults are the sampler as shipped."""
     if not (math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-    yield from _dpmpp_2m(denoise, x, ts, eta=float(eta), generators=generators)
+    if not (math.isfinite(ode_below) and 0.0 <= ode_below <= 1.0):
+        raise ValueError(f"ode_below must be a number in [0, 1], got {ode_below!r}")
+    yield from _dpmpp_2m(
+        denoise, x, ts, eta=float(eta), generators=generators, ode_below=float(ode_below),
+        second_order_end=bool(second_order_end),
+    )
 
 
 def sample_ddim(

@@ -86,6 +86,36 @@ def test_evaluator_refuses_what_the_protocol_does_not_report(tmp_path, args, mes
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sde-variant", "ode-tail", "--sampler", "dpm++2m", "--tuning"], "needs --sampler dpm++2m-sde"),
+        (["--sde-variant", "second-order-end"], "for measurement only: pass --tuning or --no-card"),
+    ],
+)
+def test_sde_variants_are_for_measurement_with_the_sde_sampler(tmp_path, args, message):
+    r = subprocess.run(
+        [*EVALUATE, str(tmp_path / "m"), "--data", str(tmp_path / "none"), *args], env=ENV, capture_output=True, text=True
+    )
+    assert r.returncode == 2 and message in r.stderr
+
+
+def test_an_sde_variant_replaces_the_sampler_in_this_process_only(monkeypatch):
+    import importlib.util
+
+    from mrdit.sampling import SAMPLER_REGISTRY
+
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "train" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, evaluate)  # dataclasses look their module up there
+    spec.loader.exec_module(evaluate)
+    monkeypatch.setitem(SAMPLER_REGISTRY, "dpm++2m-sde", SAMPLER_REGISTRY["dpm++2m-sde"])
+    before = SAMPLER_REGISTRY["dpm++2m-sde"]
+    evaluate.use_sde_variant("ode-tail")
+    after = SAMPLER_REGISTRY["dpm++2m-sde"]
+    assert after.fn.keywords == {"ode_below": 0.2} and after.grid is before.grid and after.stochastic
+
+
 def test_only_reportable_records_are_written(tmp_path):
     for bad, reason in [
         (_record(tuning=True), "tuning seeds"),

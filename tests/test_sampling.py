@@ -132,6 +132,51 @@ def test_sde_eta_ends_equal_the_ode_and_keep_the_data_spread():
     assert abs(float(half.std()) - STD) < 0.04 and abs(float(half.mean()) - MU) < 0.01
 
 
+def test_sde_variants_ode_tail_and_second_order_end(monkeypatch):
+    """The SDE's tail variants: `ode_below` = 1 is dpm++2m exactly; `ode_below` = 0.2 leaves the steps
+    that start above t = 0.2 as they were and changes the rest; `second_order_end` changes only the step
+    to t = 1/N and the one after it, and widens the spread (extrapolating the injected noise, as the
+    sampler's docstring says); both keep the data's mean; bad values are refused."""
+    import dataclasses
+    import functools
+
+    from mrdit.sampling import SAMPLER_REGISTRY, sample_dpmpp_2m_sde
+
+    n, steps = 2000, 12
+    model = GaussianDenoiser()
+    noise = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(n, dtype=torch.long)
+    spec = SAMPLER_REGISTRY["dpm++2m-sde"]
+
+    def states(**variant):
+        monkeypatch.setitem(SAMPLER_REGISTRY, "dpm++2m-sde",
+                            dataclasses.replace(spec, fn=functools.partial(sample_dpmpp_2m_sde, **variant)))
+        gens = [torch.Generator().manual_seed(i) for i in range(n)]
+        return list(iterate(model, noise, labels, sampler="dpm++2m-sde", steps=steps, generators=gens))
+
+    default = states()
+    ode = sample(model, noise, labels, sampler="dpm++2m", steps=steps)
+    assert torch.equal(states(ode_below=1.0)[-1].x, ode)
+
+    tail = states(ode_below=0.2)
+    starts = [1.0] + [st.t for st in default[:-1]]  # each step's start time
+    above = [i for i, s in enumerate(starts) if s > 0.2]
+    assert 0 < len(above) < steps
+    assert all(torch.equal(tail[i].x, default[i].x) for i in above)
+    assert not torch.equal(tail[-1].x, default[-1].x)
+
+    end = states(second_order_end=True)
+    assert all(torch.equal(end[i].x, default[i].x) for i in range(steps - 2))
+    assert not torch.equal(end[-1].x, default[-1].x)
+
+    for x in (tail[-1].x, end[-1].x):
+        assert abs(float(x.mean()) - MU) < 0.01
+    assert float(end[-1].x.std()) > float(default[-1].x.std()) + 0.1
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="ode_below"):
+            states(ode_below=bad)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)

@@ -22,13 +22,14 @@ keeps the records of either kind.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ from mrdit.judge import (
     to_size,
 )
 from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, Pipeline
-from mrdit.sampling import SAMPLERS, SamplerSettings
+from mrdit.sampling import SAMPLER_REGISTRY, SAMPLERS, SamplerSettings, sample_dpmpp_2m_sde
 
 
 def draw_samples(
@@ -179,6 +180,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         "--eta", type=float, help="the sampler's fresh noise, for dpm++2m-sde, ddim and ddpm (default: the sampler's)"
     )
     p.add_argument(
+        "--sde-variant",
+        choices=sorted(SDE_VARIANTS),
+        help="a variant of dpm++2m-sde's last steps, for tuning (docs/evaluation.md): 'ode-tail' takes the "
+        "deterministic update for the steps that start at t <= 0.2, 'second-order-end' keeps the step to "
+        "t = 1/N second order. Needs --sampler dpm++2m-sde and --tuning or --no-card",
+    )
+    p.add_argument(
         "--classifier-epochs",
         type=int,
         default=JUDGE_EPOCHS,
@@ -202,6 +210,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         SamplerSettings(args.sampler, args.steps, args.guidance, args.guidance_schedule, args.guidance_power, args.eta)
     except ValueError as e:
         p.error(str(e))
+    if args.sde_variant and args.sampler != "dpm++2m-sde":
+        p.error("--sde-variant needs --sampler dpm++2m-sde")
+    if args.sde_variant and not (args.tuning or args.no_card):
+        p.error("--sde-variant is for measurement only: pass --tuning or --no-card (the cards keep the default)")
     if args.classifier_epochs < 1:
         p.error("--classifier-epochs must be >= 1")
     if args.judge_size is not None and args.judge_size < 1:
@@ -295,6 +307,20 @@ def make_judge(p: argparse.ArgumentParser, data: Path, size: int, epochs: int) -
     )
 
 
+# The variants of dpm++2m-sde's tail that --sde-variant measures (keyword settings of sample_dpmpp_2m_sde).
+SDE_VARIANTS: dict[str, dict[str, Any]] = {
+    "ode-tail": {"ode_below": 0.2},
+    "second-order-end": {"second_order_end": True},
+}
+
+
+def use_sde_variant(name: str) -> None:
+    """Sample 'dpm++2m-sde' with the named tail variant in this process (a measurement switch, not a setting)."""
+    spec = SAMPLER_REGISTRY["dpm++2m-sde"]
+    variant = functools.partial(sample_dpmpp_2m_sde, **SDE_VARIANTS[name])
+    SAMPLER_REGISTRY["dpm++2m-sde"] = replace(spec, fn=variant)
+
+
 def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword settings of `Pipeline.generate` every model is sampled with."""
     return {
@@ -365,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     print("config:", json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, default=str))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sde_variant:
+        use_sde_variant(args.sde_variant)
     size = judge_size(p, args.models, args.judge_size)
     judge = make_judge(p, args.data, size, args.classifier_epochs)
     command = "python train/evaluate.py " + " ".join(
