@@ -1310,12 +1310,19 @@ def _wire_watch(c: dict, w: dict, run, timer) -> None:
     gen_event = c["run"].click(generate, inputs, watch_out, api_name="generate", concurrency_limit=GENERATE_CONCURRENCY, show_progress="hidden")
     c["stop"].click(None, None, None, cancels=[gen_event], api_visibility="private")
     c["dice"].click(lambda: int(np.random.default_rng().integers(0, 2**31 - 1)), None, c["seed"], api_visibility="private", queue=False)
-    w["slider"].change(scrub, [w["slider"], run], [w["panels"], w["status"], w["sched"], w["settle"], w["adds"]], api_name="scrub", show_progress="hidden")
+    # The slider shows a step when a person moves it (.input) or Play moves it (.then below); not on
+    # .change, which would also fire when Generate or Next step set it, redrawing what they just sent.
+    shown = [w["panels"], w["status"], w["sched"], w["settle"], w["adds"]]
+    w["slider"].input(scrub, [w["slider"], run], shown, api_name="scrub", show_progress="hidden", trigger_mode="always_last")
     w["full"].click(full_decode, [w["slider"], run], [w["panels"], w["status"]], api_name="full_decode")
-    w["play"].click(play, [w["slider"], run, w["fps"]], [w["slider"], timer], api_visibility="private", queue=False)
+    w["play"].click(play, [w["slider"], run, w["fps"]], [w["slider"], timer], api_visibility="private", queue=False).then(
+        scrub, [w["slider"], run], shown, api_visibility="private", show_progress="hidden"
+    )
     w["pause"].click(lambda: gr.Timer(active=False), None, timer, api_visibility="private", queue=False)
     w["fps"].change(set_speed, w["fps"], timer, api_visibility="private", queue=False)
-    timer.tick(play_tick, [w["slider"], run], [w["slider"], timer], api_visibility="private", show_progress="hidden")
+    timer.tick(play_tick, [w["slider"], run], [w["slider"], timer], api_visibility="private", show_progress="hidden").then(
+        scrub, [w["slider"], run], shown, api_visibility="private", show_progress="hidden"
+    )
     c["step_begin"].click(step_start, inputs, [run, w["status"], w["final"], c["step_btn"], w["sched"]], api_name="step_start", show_progress="hidden")
     c["step_btn"].click(step_next, [run], watch_out + [c["step_btn"]], api_name="step_next", concurrency_limit=GENERATE_CONCURRENCY, show_progress="hidden")
     c["model"].change(on_model_change, c["model"], c["class_label"], api_visibility="private")

@@ -107,6 +107,7 @@ def test_browser_flow(server, browser, tmp_path):
     status = generate_and_wait(page)
     panels = page.locator("#panels img")
     expect(panels).to_be_visible()
+    page.wait_for_function("() => { const i = document.querySelector('#panels img'); return i && i.complete && i.naturalWidth > 0 }")
     assert panels.evaluate("img => img.naturalWidth") >= 6 * app.DISPLAY  # x_t + 3 branches + 2 additions
     assert page.locator("#final img").count() >= 4
     for plot in ("#sched_plot", "#settle_plot", "#adds_plot"):
@@ -171,6 +172,29 @@ def test_step_mode_starts_with_the_whole_schedule(server, browser):
     expect(status).to_contain_text("step 1 / 25", timeout=20_000)
     nxt.click()
     expect(status).to_contain_text("step 2 / 25", timeout=20_000)
+
+
+@needs_chromium
+def test_a_step_click_and_a_run_are_one_request_each(server, browser):
+    """Next step and Generate send their panels with the slider: moving the slider by output must not
+    fire a second request that redraws the same step (the slider listens to a person's input)."""
+    from playwright.sync_api import expect
+
+    page = page_at(browser, server)
+    joins = []
+    page.on("request", lambda r: joins.append(r.url) if r.method == "POST" and "queue/join" in r.url else None)
+    generate_and_wait(page, steps=5)
+    time.sleep(1.0)
+    assert len(joins) == 1, joins
+    page.get_by_role("button", name="Start step mode").click()
+    status = page.locator("#status")
+    expect(status).to_contain_text("planned on the schedule plot", timeout=30_000)
+    nxt = page.get_by_role("button", name="Next step")
+    for k in (1, 2, 3):
+        nxt.click()
+        expect(status).to_contain_text(f"step {k} / 5", timeout=20_000)  # the steps set for the run above
+    time.sleep(1.0)
+    assert len(joins) == 1 + 1 + 3, joins  # Generate, Start step mode, three clicks
 
 
 @needs_chromium
