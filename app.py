@@ -360,6 +360,22 @@ def image_file(image: np.ndarray, compress_level: int = 1) -> str:
     return str(path)
 
 
+def sheet_as_file(fn):
+    """`fn` with an array among its outputs (the first, or the only one) sent as a PNG file of its
+    own (`image_file`), for the same reason as the Watch panels: two sessions showing the same sheet
+    at once could otherwise be sent a half-written cache file. Other outputs pass through."""
+
+    def as_file(x):
+        return image_file(x) if isinstance(x, np.ndarray) else x
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        return (as_file(out[0]), *out[1:]) if isinstance(out, tuple) else as_file(out)
+
+    return wrapped
+
+
 def render(run: Run, frame: Frame) -> np.ndarray:
     return panel_sheet(frame.x_t.float(), [b.float() for b in frame.branches], DISPLAY, run.headers)
 
@@ -1335,7 +1351,7 @@ def _wire_experiments(c: dict, e: dict) -> None:
         api_visibility="private", queue=False,
     )
     e["run"].click(
-        run_experiment,
+        sheet_as_file(run_experiment),
         [e["experiment"], c["class_label"], c["seed"], c["steps"], c["guidance"], c["sampler"], c["num_images"], c["model"],
          e["other_seed"], e["other_class"], e["from_step"], e["weights"], e["zero"]],
         [e["sheet"], e["summary"]],
@@ -1346,7 +1362,7 @@ def _wire_experiments(c: dict, e: dict) -> None:
 
 
 def _wire_inside(c: dict, i: dict, w: dict, run) -> None:
-    i["show"].click(attention, [i["step"], i["layer"], i["head"], run], [i["sheet"], i["caption"]], api_name="attention")
+    i["show"].click(sheet_as_file(attention), [i["step"], i["layer"], i["head"], run], [i["sheet"], i["caption"]], api_name="attention")
     i["tdln_btn"].click(tdln, [c["model"], w["slider"], run, i["tdln_view"]], i["tdln"], api_name="tdln")
     # The attention step follows the Watch slider, so both tabs look at the same step.
     w["slider"].change(follow_step, [w["slider"], run], i["step"], api_visibility="private", queue=False)
@@ -1356,8 +1372,11 @@ def _wire_inside(c: dict, i: dict, w: dict, run) -> None:
 
 def _wire_compare(c: dict, k: dict) -> None:
     inputs = [c["class_label"], c["seed"], c["steps"], c["guidance"], c["sampler"], c["num_images"], c["model"]]
-    k["run"].click(compare, inputs, [k["sheet"], k["status"], k["state"], k["slider"]], api_name="compare", concurrency_limit=2)
-    k["slider"].change(compare_scrub, [k["slider"], k["state"]], k["sheet"], api_visibility="private", show_progress="hidden")
+    k["run"].click(sheet_as_file(compare), inputs, [k["sheet"], k["status"], k["state"], k["slider"]], api_name="compare", concurrency_limit=2)
+    k["slider"].input(
+        sheet_as_file(compare_scrub), [k["slider"], k["state"]], k["sheet"], api_visibility="private", show_progress="hidden",
+        trigger_mode="always_last",  # as the Watch slider: a person's moves, not Run both's own update
+    )
 
 
 def _wire_runs(r: dict, w: dict, run) -> None:

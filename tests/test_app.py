@@ -399,3 +399,24 @@ def test_on_the_cpu_requests_share_one_network_thread(weights, monkeypatch):
     assert pipe.shared.net.traces == traces, "a request made a trace of its own: the warm-up missed a kind"
     monkeypatch.setattr(app, "SHARED", False)
     assert app.ModelCache().get("tiny").shared is None
+
+
+def test_sheets_go_out_as_png_files_of_their_own(weights):
+    """The Experiments, Inside and Compare sheets leave as fresh PNG files with the same pixels (not
+    arrays, which gradio writes to a shared cache path); other outputs and updates pass through."""
+    from PIL import Image
+
+    sheet = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    wrapped = app.sheet_as_file(lambda a, b=None: (sheet, "caption", b))
+    path, caption, extra = wrapped(1, b=7)
+    assert isinstance(path, str) and np.array_equal(np.asarray(Image.open(path)), sheet)
+    assert (caption, extra) == ("caption", 7)
+    assert app.sheet_as_file(lambda: sheet)() != app.sheet_as_file(lambda: sheet)()  # a fresh name each time
+    update = app.gr.update()
+    assert app.sheet_as_file(lambda: update)() is update
+
+    demo = app.build_demo(default_model="tiny")
+    wired = {f.api_name: f.fn for f in demo.fns.values() if f.api_name in ("experiment", "attention", "compare")}
+    assert len(wired) == 3
+    assert all(getattr(fn, "__wrapped__", None) is getattr(app, name if name != "experiment" else "run_experiment")
+               for name, fn in wired.items())
