@@ -14,7 +14,14 @@ rows: equal to its own forward up to float rounding, which changes with the batc
 
 Calls made inside `with shared.first():` (a step-mode click: one forward a person waits on) go ahead
 of the others, in forwards of their own: such a call waits only for the forward that is running, then
-runs at its own small size, instead of waiting its turn behind long requests' forwards.
+runs at its own small size, instead of waiting its turn behind long requests' forwards. With
+`first_lane=True` they run on a second network thread of their own and do not wait for the running
+forward at all; `omp_threads=1` then keeps each network thread's loops on its own thread while both
+have work (two busy OpenMP teams on two cores would stall each other at every barrier; with no first
+call for `BUSY_S` seconds the main thread goes back to PyTorch's setting, so a lone request keeps every
+core), and `nice` lowers the priority of the thread that runs the long requests' forwards (Linux), so
+that the clicks and the server's request handling run first when they are ready and the long requests
+take the cores left over (bench/NOTES.md).
 
 `TracedNetwork` is the network to give it on a CPU: a TorchScript trace runs the whole forward in C++
 with the GIL released, so the Python work of the server's other threads does not stall it between
@@ -25,7 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +44,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .network import check_inputs
+from .threads import omp_threads
 
 Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], list[torch.Tensor]]
 log = logging.getLogger(__name__)
@@ -55,33 +65,71 @@ class _Call:
         return self.x.shape[0]
 
 
-class SharedForward:
-    """`net(x, t, y)` for callers in any thread, run on one network thread in joined batches."""
+class _Lane:
+    """One network thread and the calls waiting for it."""
 
-    def __init__(self, net: Network, config: ModelConfig, max_rows: int = 64) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pending: list[_Call] = []
+        self.ready = threading.Condition()
+        self.thread: threading.Thread | None = None
+
+
+class SharedForward:
+    """`net(x, t, y)` for callers in any thread, run on one network thread in joined batches (two with
+    `first_lane`: one for the calls made in `first()` blocks)."""
+
+    BUSY_S = 2.0  # seconds after a first-lane call during which the main lane keeps to `omp_threads`
+
+    def __init__(
+        self,
+        net: Network,
+        config: ModelConfig,
+        max_rows: int = 64,
+        first_lane: bool = False,
+        omp_threads: int | None = None,
+        nice: int = 0,
+    ) -> None:
+        """`first_lane`: calls made in `first()` blocks run on a second network thread; `omp_threads`:
+        OpenMP threads of the first lane's thread, and of the main one while the first lane has had a
+        call within `BUSY_S` seconds (None: PyTorch's setting throughout); `nice`: added to the main
+        network thread's nice value when there is a first lane (Linux; elsewhere it changes nothing)."""
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        if omp_threads is not None and omp_threads < 1:
+            raise ValueError(f"omp_threads must be >= 1 or None, got {omp_threads}")
+        if not 0 <= nice <= 19:
+            raise ValueError(f"nice must be in [0, 19], got {nice}")
         self.net = net
         self.config = config
         self.max_rows = max_rows
+        self.first_lane = first_lane
+        self.omp_threads = omp_threads  # OpenMP threads of a network thread while both lanes are busy
+        self.nice = nice  # added to the main network thread's nice value (Linux; 0: unchanged)
         self.forwards = 0  # forwards run, and calls served: for tests and benchmarks
         self.calls = 0
-        self._pending: list[_Call] = []
-        self._ready = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._count = threading.Lock()
+        self._main = _Lane("mrdit-network")
+        self._firsts = _Lane("mrdit-network-first") if first_lane else self._main
+        self._last_first = -float("inf")  # time.monotonic() of the first lane's latest call
         self._local = threading.local()  # .first: this thread's calls go first
 
+    @property
+    def _pending(self) -> list[_Call]:  # the main lane's waiting calls (tests look at them)
+        return self._main.pending
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        if threading.current_thread() is self._thread:  # a call from inside a forward: run it here
+        if threading.current_thread() in (self._main.thread, self._firsts.thread):  # from inside a forward
             return self.net(x, t, y)
         check_inputs(self.config, x, t, y)  # a bad call fails alone, not the batch it would join
         call = _Call(x, t, y, first=getattr(self._local, "first", False))
-        with self._ready:
-            self._pending.append(call)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="mrdit-network", daemon=True)
-                self._thread.start()
-            self._ready.notify()
+        lane = self._firsts if call.first else self._main
+        with lane.ready:
+            lane.pending.append(call)
+            if lane.thread is None:
+                lane.thread = threading.Thread(target=self._serve, args=(lane,), name=lane.name, daemon=True)
+                lane.thread.start()
+            lane.ready.notify()
         call.done.wait()
         if call.error is not None:
             raise call.error
@@ -92,7 +140,8 @@ class SharedForward:
     def first(self) -> Iterator[None]:
         """This thread's calls in the block go ahead of every other waiting call, in forwards of their
         own (with the other calls made in such blocks): for forwards a person waits on, one at a time,
-        such as a step-mode click. Long requests' calls wait at most for those, which are small."""
+        such as a step-mode click. Long requests' calls wait at most for those, which are small. With
+        `first_lane`, on a network thread of their own: they never wait for a long request's forward."""
         before = getattr(self._local, "first", False)
         self._local.first = True
         try:
@@ -102,34 +151,54 @@ class SharedForward:
 
     def warm_up(self, rows: int = 2) -> None:
         """Two calls of `rows` rows, one at a shared time step and one with a step per row: a
-        `TracedNetwork` makes both its traces then (about a second on 2 cores), before the first request."""
+        `TracedNetwork` makes both its traces then (about a second on 2 cores), before the first request;
+        with a first lane, one more call there."""
         c = self.config
         x = torch.zeros(rows, c.channels, c.image_size, c.image_size)
         y = torch.zeros(rows, dtype=torch.long)
         self(x, torch.full((1,), 500.0), y)
         self(x, torch.linspace(10.0, 990.0, rows), y)
+        if self.first_lane:  # its thread started, and the traces run there once
+            with self.first():
+                self(x, torch.full((1,), 500.0), y)
 
-    def _take(self) -> list[_Call]:
+    def _take(self, lane: _Lane) -> list[_Call]:
         """The oldest waiting call, then every later one, in order of arrival, that still fits in
-        `max_rows` (under the lock), so the oldest call never waits for more than the forward that is
-        running. Calls made in `first()` blocks go before the others, in a forward of their own."""
-        firsts = [c for c in self._pending if c.first]
-        waiting = firsts or self._pending
+        `max_rows` (under the lane's lock), so the oldest call never waits for more than the forward
+        that is running. On a shared lane, calls made in `first()` blocks go before the others, in a
+        forward of their own."""
+        firsts = [c for c in lane.pending if c.first]
+        waiting = firsts or lane.pending
         batch = [waiting[0]]
         rows = batch[0].rows
         for c in waiting[1:]:
             if rows + c.rows <= self.max_rows:
                 batch.append(c)
                 rows += c.rows
-        self._pending = [c for c in self._pending if c not in batch]
+        lane.pending = [c for c in lane.pending if c not in batch]
         return batch
 
-    def _serve(self) -> None:
+    def _serve(self, lane: _Lane) -> None:
+        two_lanes = self._firsts is not self._main
+        main = lane is self._main
+        if self.nice and main and two_lanes:
+            _lower_priority(self.nice)
+        full = torch.get_num_threads()  # PyTorch's setting, for the main lane when the first one is idle
+        current = None
         while True:
-            with self._ready:
-                while not self._pending:
-                    self._ready.wait()
-                batch = self._take()
+            with lane.ready:
+                while not lane.pending:
+                    lane.ready.wait()
+                batch = self._take(lane)
+            if self.omp_threads is not None:
+                now = time.monotonic()
+                if not main:
+                    self._last_first = now
+                busy = not main or not two_lanes or now - self._last_first < self.BUSY_S
+                want = self.omp_threads if busy else full
+                if want != current:
+                    omp_threads(want)
+                    current = want
             self._run(batch)
 
     def _run(self, batch: list[_Call]) -> None:
@@ -141,8 +210,9 @@ class SharedForward:
                 c.error = e
                 c.done.set()
             return
-        self.forwards += 1
-        self.calls += len(batch)
+        with self._count:
+            self.forwards += 1
+            self.calls += len(batch)
         start = 0
         for c in batch:
             stop = start + c.rows
@@ -165,12 +235,26 @@ class SharedForward:
         return self.net(x, t, y)
 
 
+def _lower_priority(nice: int) -> bool:
+    """Add `nice` to the calling thread's nice value (Linux: a thread's id is its own scheduling entity,
+    and the OpenMP threads it starts later inherit it). Returns whether it took effect."""
+    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return False
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as e:
+        log.warning("could not lower the network thread's priority: %s", e)
+        return False
+    return True
+
+
 class TracedNetwork:
     """`model(x, t, y)` through TorchScript traces of `model`, one per kind of call (a shared time step
     or one per row, and the dtypes of t and y), each made on the first call of its kind and checked
     there against `model` on a batch of another size; a kind whose trace fails or disagrees (beyond
-    `atol`) runs `fallback` (by default `model`) from then on. Inference only, from one thread at a time
-    (`SharedForward`'s). The graph is traced on validated inputs, so the network's shape checks are
+    `atol`) runs `fallback` (by default `model`) from then on. Inference only; the network threads of a
+    `SharedForward` may call it at once (a trace is made under a lock, then run from any thread). The graph is traced on validated inputs, so the network's shape checks are
     constants in it (the callers check). `torch.jit.trace` is deprecated in favour of `torch.compile`,
     whose CPU code still runs its kernels from Python; should tracing go away, every call falls back.
 
@@ -184,12 +268,15 @@ class TracedNetwork:
         self.fallback = fallback if fallback is not None else model
         self.atol = atol
         self.traces: dict[tuple, Callable | None] = {}  # kind -> trace, or None where it falls back
+        self._tracing = threading.Lock()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         t = t.reshape(-1)  # (1,) or (B,), as the network reads it: a 0-d step is a shared one
         kind = (t.numel() == 1, t.dtype, y.dtype)
         if kind not in self.traces:
-            self.traces[kind] = self._trace(x, t, y)
+            with self._tracing:
+                if kind not in self.traces:
+                    self.traces[kind] = self._trace(x, t, y)
         traced = self.traces[kind]
         if traced is None:
             return self.fallback(x, t, y)

@@ -194,19 +194,31 @@ class Pipeline:
             return self.net.warm_up_when_idle(idle_s, batches)
         return self.net.warm_up_async(batches)
 
-    def share_forwards(self, max_rows: int = 64, trace: bool = False) -> SharedForward:
+    def share_forwards(
+        self,
+        max_rows: int = 64,
+        trace: bool = False,
+        first_lane: bool = False,
+        omp_threads: int | None = None,
+        nice: int = 0,
+    ) -> SharedForward:
         """Run every sampling forward of this pipeline (`stream`, `stream_batched`, `generate`) on one
         network thread that joins the calls of concurrent requests into one batch of at most `max_rows`
         rows (`mrdit.forwards`): for a server with many requests at once on a CPU. The network behind it
         is `self.net` at each call, so a background compile takes over there when it is ready; with
         `trace`, a TorchScript trace of the model instead (`TracedNetwork`, falling back to `self.net`
-        where a trace fails), which other threads' Python work slows far less."""
+        where a trace fails), which other threads' Python work slows far less. `first_lane`,
+        `omp_threads` and `nice` are `SharedForward`'s: the forwards of `forwards_first()` blocks on a
+        thread of their own, OpenMP threads per network thread, the long requests' thread's priority.
+        The first call's settings stay."""
         if self.shared is None:
             def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
                 return self.net(x, t, y)
 
             chosen = TracedNetwork(self.model, fallback=net) if trace else net
-            self.shared = SharedForward(chosen, self.config, max_rows=max_rows)
+            self.shared = SharedForward(
+                chosen, self.config, max_rows=max_rows, first_lane=first_lane, omp_threads=omp_threads, nice=nice
+            )
         return self.shared
 
     def forwards_first(self) -> contextlib.AbstractContextManager:

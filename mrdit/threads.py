@@ -39,16 +39,22 @@ def _libgomp() -> ctypes.CDLL | None:
     return _gomp  # type: ignore[return-value]
 
 
+def omp_threads(n: int) -> bool:
+    """Let the calling thread's parallel loops run on `n` OpenMP threads (1: on this thread alone, no
+    pool of its own); other threads keep their setting. Returns whether it took effect (False where
+    PyTorch does not use libgomp)."""
+    gomp = _libgomp()
+    if gomp is None:
+        return False
+    torch.get_num_threads()  # PyTorch sets a thread's OpenMP count on its first use: let it, then override
+    gomp.omp_set_num_threads(int(n))
+    return True
+
+
 def one_omp_thread() -> bool:
-    """Let the calling thread's parallel loops run on this thread alone (no OpenMP pool of its own);
-    other threads keep PyTorch's setting. Returns whether the limit is in place (False where PyTorch
-    does not use libgomp). Cheap after the first call in a thread."""
+    """`omp_threads(1)` for the calling thread, once: cheap after the first call in a thread."""
     if getattr(_local, "limited", None) is None:
-        gomp = _libgomp()
-        if gomp is not None:
-            torch.get_num_threads()  # PyTorch sets a thread's OpenMP count on its first use: let it, then override
-            gomp.omp_set_num_threads(1)
-        _local.limited = gomp is not None
+        _local.limited = omp_threads(1)
     return _local.limited
 
 

@@ -6,6 +6,8 @@ the plain network wherever a trace fails or disagrees."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 
@@ -17,6 +19,7 @@ from mrdit.forwards import SharedForward, TracedNetwork
 from mrdit.pipeline import Pipeline
 from mrdit.sampling import SAMPLERS
 from mrdit.settings import Settings
+from mrdit.threads import _libgomp
 
 
 @pytest.fixture(scope="module")
@@ -201,17 +204,83 @@ def test_a_bad_call_fails_alone_and_an_error_reaches_its_batch_only(pipe):
 def test_max_rows_must_be_positive(pipe):
     with pytest.raises(ValueError, match="max_rows"):
         SharedForward(pipe.model, pipe.config, max_rows=0)
+    with pytest.raises(ValueError, match="omp_threads"):
+        SharedForward(pipe.model, pipe.config, omp_threads=0)
+    with pytest.raises(ValueError, match="nice"):
+        SharedForward(pipe.model, pipe.config, nice=20)
 
 
-@pytest.mark.parametrize("trace", [False, True])
+def test_a_first_lane_call_does_not_wait_for_the_running_forward(pipe):
+    """With `first_lane`, a call made in `first()` runs on a thread of its own while a long request's
+    forward is still running, and gets its own rows."""
+    net = Gate(pipe.model)
+    shared = SharedForward(net, pipe.config, first_lane=True)
+    long_call = threading.Thread(target=shared, args=_inputs(pipe.config, 4, 0, 500.0))
+    long_call.start()
+    for _ in range(100):  # until the long call's forward is running (and held at the gate)
+        if net.batches:
+            break
+        time.sleep(0.01)
+    x, t, y = _inputs(pipe.config, 2, 1, 100.0)
+    got: list[torch.Tensor] = []
+    click = threading.Thread(target=lambda: got.extend(_first(shared, x, t, y)))
+    click.start()
+    click.join(10)
+    assert not click.is_alive() and got, "the first call waited for the running forward"
+    assert not net.release.is_set() and long_call.is_alive()
+    net.release.set()
+    long_call.join(10)
+    assert net.batches == [4, 2] and (shared.forwards, shared.calls) == (2, 2)
+    with torch.no_grad():
+        for a, b in zip(got, pipe.model(x, t, y), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _first(shared: SharedForward, x, t, y) -> list[torch.Tensor]:
+    with shared.first():
+        return shared(x, t, y)
+
+
+def test_network_threads_run_on_their_openmp_threads_and_the_long_requests_one_at_lower_priority(pipe):
+    """`omp_threads=1`: the first lane's loops on its thread alone, and the main lane's too while the
+    first lane is busy (PyTorch's setting again once it has been idle for `BUSY_S`); `nice`: the main
+    lane's thread (the long requests') runs at a higher nice value than the caller's, the first lane's
+    does not."""
+    seen: list[tuple[str, int, int]] = []
+
+    class Records:
+        config = pipe.config
+
+        def __call__(self, x, t, y):
+            tid = threading.get_native_id()
+            seen.append((threading.current_thread().name, torch.get_num_threads(), os.getpriority(os.PRIO_PROCESS, tid)))
+            return pipe.model(x, t, y)
+
+    shared = SharedForward(Records(), pipe.config, first_lane=True, omp_threads=1, nice=3)
+    x, t, y = _inputs(pipe.config, 2, 0, 500.0)
+    shared(x, t, y)  # the first lane idle: PyTorch's setting
+    _first(shared, x, t, y)
+    shared(x, t, y)  # within BUSY_S of a first call: one thread
+    shared.BUSY_S = 0.0
+    shared(x, t, y)  # idle again
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert [name for name, _, _ in seen] == ["mrdit-network", "mrdit-network-first", "mrdit-network", "mrdit-network"]
+    assert [nice for _, _, nice in seen] == [min(19, mine + 3), mine, min(19, mine + 3), min(19, mine + 3)]
+    full = torch.get_num_threads()
+    if _libgomp() is not None:  # PyTorch on libgomp (Linux): the limits are in force
+        assert [n for _, n, _ in seen] == [full, 1, 1, full]
+
+
+@pytest.mark.parametrize(("trace", "lanes"), [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_requests_sharing_forwards_get_the_images_they_get_alone(tiny_model_dir, sampler, trace):
+def test_requests_sharing_forwards_get_the_images_they_get_alone(tiny_model_dir, sampler, trace, lanes):
     """Three requests at once with other samplers, step counts, guidance and seeds (stochastic samplers
     with per-seed generators): each gets its own run's images, the forwards were shared, and one request
-    stopped after its first step leaves the others as they were."""
+    stopped after its first step leaves the others as they were. With `lanes`, the second request's
+    forwards go first, on the first lane's thread, as a step-mode click's do in the app."""
     plain = Pipeline.from_pretrained(tiny_model_dir)
     shared = Pipeline.from_pretrained(tiny_model_dir)
-    shared.share_forwards(max_rows=64, trace=trace)
+    shared.share_forwards(max_rows=64, trace=trace, first_lane=lanes, omp_threads=1 if lanes else None, nice=5 if lanes else 0)
     requests = [
         Settings(sampler, 6, 3.0, labels=(1, 0), seeds=(5, 6)),
         Settings("ddim", 4, 1.0, labels=(0,), seeds=(7,)),
@@ -225,7 +294,10 @@ def test_requests_sharing_forwards_get_the_images_they_get_alone(tiny_model_dir,
         start.wait()
         out[i] = []
         stream = shared.stream(s, previews=False)
-        for state, _ in stream:
+        first = shared.forwards_first() if i == 1 else contextlib.nullcontext()
+        with first:
+            steps = list(stream) if i == 1 else stream
+        for state, _ in steps:
             out[i].append(state.x.clone())
             if i == 3:
                 stream.close()
