@@ -87,8 +87,8 @@ SHARED = os.environ.get("MRDIT_SHARED", "0" if torch.cuda.is_available() else "1
 # such forward (a larger batch costs memory and the clicks' wait, and saves little per row).
 SHARED_ROWS = int(os.environ.get("MRDIT_SHARED_ROWS", "16"))
 # Step-mode clicks (one forward a person waits on) run on a network thread of their own, so that they never
-# wait for a long request's forward; each network thread then runs on one OpenMP thread (two teams of two
-# on two cores stall each other at every barrier), and the long requests' thread runs at NETWORK_NICE
+# wait for a long request's forward; each network thread then runs on one OpenMP thread while both are busy
+# (two teams of two on two cores stall each other at every barrier), and the long requests' thread runs at NETWORK_NICE
 # (Linux), so that clicks and request handling take the cores first. MRDIT_FIRST_LANE=0: one network
 # thread on PyTorch's threads, clicks first in its queue, as before.
 FIRST_LANE = os.environ.get("MRDIT_FIRST_LANE", "1") != "0"
