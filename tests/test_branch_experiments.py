@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -49,6 +50,24 @@ def test_runs_every_experiment_and_measures_saved_images_again(tiny_model_dir, t
     again = _run(*common, "--reuse-images")
     assert again.returncode == 0, again.stderr
     assert json.loads(out.read_text())["swap"] == r["swap"]
+
+
+def test_tables_print_the_judge_with_its_version():
+    """The judge's record holds its version (a string) beside the per-condition records: printed in the
+    header, not read as a condition."""
+    spec = importlib.util.spec_from_file_location("branch_experiments", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    judge = {
+        "version": "3: subcategories",
+        "validation_accuracy": 0.7,
+        "plain": {"accuracy": 0.88, "interval": [0.83, 0.92], "n": 192},
+        "class hybrid": {"share_class_a": 0.25, "share_class_b": 0.5, "n": 96},
+    }
+    text = mod.tables({"bands": [], "swap": {}, "another_seed": [], "conditions": {}, "judge": judge})
+    assert "version '3: subcategories', validation accuracy 70.0%" in text
+    assert "| plain | 88.0% (83.0-92.0%, n=192) |" in text
+    assert "| class hybrid | A's class 25.0%, B's class 50.0% (n=96) |" in text
 
 
 def test_judge_data_the_judge_cannot_use_is_refused_before_sampling(tiny_model_dir, tmp_path):

@@ -260,10 +260,11 @@ def tables(results: dict) -> str:
             lines.append(f"| {name} | {v['t0']:.3f} | {v['t0.5']:.3f} | {v['t1']:.3f} |")
     if "judge" in results:
         j = results["judge"]
-        lines += ["", f"**Judge** (validation accuracy {j['validation_accuracy'] * 100:.1f}%)", ""]
+        version = f"version {j['version']!r}, " if "version" in j else ""
+        lines += ["", f"**Judge** ({version}validation accuracy {j['validation_accuracy'] * 100:.1f}%)", ""]
         lines += ["| images | class accuracy (95% interval) |", "|---|---|"]
         for name, v in j.items():
-            if name == "validation_accuracy":
+            if not isinstance(v, dict):  # the version and the validation accuracy, above
                 continue
             if "accuracy" in v:
                 lo, hi = v["interval"]
