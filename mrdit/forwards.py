@@ -92,7 +92,8 @@ class SharedForward:
     ) -> None:
         """`first_lane`: calls made in `first()` blocks run on a second network thread; `omp_threads`:
         OpenMP threads of the first lane's thread, and of the main one while the first lane has had a
-        call within `BUSY_S` seconds (None: PyTorch's setting throughout); `nice`: added to the main
+        call within `BUSY_S` seconds (without a first lane: of the one network thread; None: PyTorch's
+        setting throughout); `nice`: added to the main
         network thread's nice value when there is a first lane (Linux; elsewhere it changes nothing)."""
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
