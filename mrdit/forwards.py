@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
@@ -239,7 +240,7 @@ class SharedForward:
 def _lower_priority(nice: int) -> bool:
     """Add `nice` to the calling thread's nice value (Linux: a thread's id is its own scheduling entity,
     and the OpenMP threads it starts later inherit it). Returns whether it took effect."""
-    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+    if not sys.platform.startswith("linux"):  # elsewhere a thread id is not a scheduling entity
         return False
     tid = threading.get_native_id()
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 
@@ -265,7 +266,8 @@ def test_network_threads_run_on_their_openmp_threads_and_the_long_requests_one_a
     shared(x, t, y)  # idle again
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert [name for name, _, _ in seen] == ["mrdit-network", "mrdit-network-first", "mrdit-network", "mrdit-network"]
-    assert [nice for _, _, nice in seen] == [min(19, mine + 3), mine, min(19, mine + 3), min(19, mine + 3)]
+    lowered = min(19, mine + 3) if sys.platform.startswith("linux") else mine  # Linux only
+    assert [nice for _, _, nice in seen] == [lowered, mine, lowered, lowered]
     full = torch.get_num_threads()
     if _libgomp() is not None:  # PyTorch on libgomp (Linux): the limits are in force
         assert [n for _, n, _ in seen] == [full, 1, 1, full]
