@@ -87,10 +87,10 @@ SHARED = os.environ.get("MRDIT_SHARED", "0" if torch.cuda.is_available() else "1
 # such forward (a larger batch costs memory and the clicks' wait, and saves little per row).
 SHARED_ROWS = int(os.environ.get("MRDIT_SHARED_ROWS", "16"))
 # Step-mode clicks (one forward a person waits on) run on a network thread of their own, so that they never
-# wait for a long request's forward; each network thread then runs on one OpenMP thread while both are busy
-# (two teams of two on two cores stall each other at every barrier), and the long requests' thread runs at NETWORK_NICE
-# (Linux), so that clicks and request handling take the cores first. MRDIT_FIRST_LANE=0: one network
-# thread on PyTorch's threads, clicks first in its queue, as before.
+# wait for a long request's forward; each network thread then runs on one OpenMP thread while both are
+# busy (two teams of two on two cores stall each other at every barrier), and the long requests' thread
+# runs at NETWORK_NICE (Linux), so that clicks and request handling take the cores first.
+# MRDIT_FIRST_LANE=0: one network thread on PyTorch's threads, clicks first in its queue, as before.
 FIRST_LANE = os.environ.get("MRDIT_FIRST_LANE", "1") != "0"
 NETWORK_NICE = int(os.environ.get("MRDIT_NETWORK_NICE", "10"))
 # The network thread runs a TorchScript trace of the network (mrdit.forwards.TracedNetwork), which the other
@@ -249,7 +249,7 @@ class ModelCache:
                         trace=TRACE,
                         first_lane=FIRST_LANE,
                         omp_threads=1 if FIRST_LANE else None,
-                        nice=NETWORK_NICE if FIRST_LANE else 0,
+                        nice=NETWORK_NICE,  # the long requests' thread, when clicks have their own
                     ).warm_up()
                 except Exception as e:  # the requests meet it too, with their own message
                     log.warning("warming up %s failed: %s", choice, e)

@@ -91,11 +91,11 @@ class SharedForward:
         omp_threads: int | None = None,
         nice: int = 0,
     ) -> None:
-        """`first_lane`: calls made in `first()` blocks run on a second network thread; `omp_threads`:
+        """`first_lane`: calls made in `first()` blocks run on a second network thread. `omp_threads`:
         OpenMP threads of the first lane's thread, and of the main one while the first lane has had a
         call within `BUSY_S` seconds (without a first lane: of the one network thread; None: PyTorch's
-        setting throughout); `nice`: added to the main
-        network thread's nice value when there is a first lane (Linux; elsewhere it changes nothing)."""
+        setting throughout). `nice`: added to the main network thread's nice value when there is a
+        first lane (Linux; elsewhere, or with one lane, it changes nothing)."""
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if omp_threads is not None and omp_threads < 1:
@@ -115,10 +115,6 @@ class SharedForward:
         self._firsts = _Lane("mrdit-network-first") if first_lane else self._main
         self._last_first = -float("inf")  # time.monotonic() of the first lane's latest call
         self._local = threading.local()  # .first: this thread's calls go first
-
-    @property
-    def _pending(self) -> list[_Call]:  # the main lane's waiting calls (tests look at them)
-        return self._main.pending
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         if threading.current_thread() in (self._main.thread, self._firsts.thread):  # from inside a forward
@@ -255,9 +251,10 @@ class TracedNetwork:
     """`model(x, t, y)` through TorchScript traces of `model`, one per kind of call (a shared time step
     or one per row, and the dtypes of t and y), each made on the first call of its kind and checked
     there against `model` on a batch of another size; a kind whose trace fails or disagrees (beyond
-    `atol`) runs `fallback` (by default `model`) from then on. Inference only; the network threads of a
-    `SharedForward` may call it at once (a trace is made under a lock, then run from any thread). The graph is traced on validated inputs, so the network's shape checks are
-    constants in it (the callers check). `torch.jit.trace` is deprecated in favour of `torch.compile`,
+    `atol`) runs `fallback` (by default `model`) from then on. Inference only; the network threads of
+    a `SharedForward` may call it at once (a trace is made under a lock, then run from any thread).
+    The graph is traced on validated inputs, so the network's shape checks are constants in it (the
+    callers check). `torch.jit.trace` is deprecated in favour of `torch.compile`,
     whose CPU code still runs its kernels from Python; should tracing go away, every call falls back.
 
     Why: an eager forward releases and retakes the GIL at each of its several hundred operations, and
