@@ -407,3 +407,25 @@ def near_copies(
     share = (nearest_distances(sample_features, train_features) <= threshold).double().mean()
     reference = (val <= threshold).double().mean()
     return NearCopies(float(share), float(reference), threshold, quantile)
+
+
+def reference_draws(labels: torch.Tensor, count: int, per_class: bool, draws: int, seed: int = 0) -> list[torch.Tensor]:
+    """`draws` index sets into a split with these labels (N,), each drawn without replacement: `count`
+    images of every class (`per_class`, the samples' class mix) or `count` images at random (the split's
+    own mix). Draw k uses a generator seeded with `seed + k`. Scoring real training images drawn like the
+    samples gives the distances a model that reproduced them exactly would get (docs/evaluation.md)."""
+    classes = torch.unique(labels)
+    smallest = min(int((labels == c).sum()) for c in classes)
+    if per_class and count > smallest:
+        raise ValueError(f"{count} images per class asked, but a class has only {smallest}")
+    if not per_class and count > len(labels):
+        raise ValueError(f"{count} images asked, but the split has only {len(labels)}")
+    sets = []
+    for k in range(draws):
+        g = torch.Generator().manual_seed(seed + k)
+        if per_class:
+            picked = [torch.nonzero(labels == c).flatten() for c in classes]
+            sets.append(torch.cat([idx[torch.randperm(len(idx), generator=g)[:count]] for idx in picked]))
+        else:
+            sets.append(torch.randperm(len(labels), generator=g)[:count])
+    return sets

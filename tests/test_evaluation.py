@@ -95,7 +95,10 @@ def test_evaluator_refuses_what_the_protocol_does_not_report(tmp_path, args, mes
 )
 def test_sde_variants_are_for_measurement_with_the_sde_sampler(tmp_path, args, message):
     r = subprocess.run(
-        [*EVALUATE, str(tmp_path / "m"), "--data", str(tmp_path / "none"), *args], env=ENV, capture_output=True, text=True
+        [*EVALUATE, str(tmp_path / "m"), "--data", str(tmp_path / "none"), *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 2 and message in r.stderr
 
@@ -304,3 +307,51 @@ def test_choose_judge_scores_every_recipe_on_a_held_out_fold_and_applies_its_rul
     assert empty, "the fake data has a fold with none of its training emoji"
     r = subprocess.run([*script, "--fold", str(empty[0])], capture_output=True, text=True)
     assert r.returncode == 2 and "choose another --fold" in r.stderr  # refused before any training
+
+
+def test_reference_draws_take_each_class_alike_or_the_splits_own_mix():
+    labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 8)
+    balanced = judge.reference_draws(labels, 3, per_class=True, draws=4)
+    for idx in balanced:
+        assert len(set(idx.tolist())) == len(idx) == 9  # without replacement
+        assert torch.bincount(labels[idx]).tolist() == [3, 3, 3]
+    assert len({tuple(sorted(idx.tolist())) for idx in balanced}) > 1  # each draw its own set
+    again = judge.reference_draws(labels, 3, per_class=True, draws=4)
+    assert all(torch.equal(a, b) for a, b in zip(balanced, again))  # seeded
+    whole = judge.reference_draws(labels, len(labels), per_class=False, draws=2)
+    assert all(sorted(idx.tolist()) == list(range(len(labels))) for idx in whole)
+    with pytest.raises(ValueError, match="a class has only 3"):
+        judge.reference_draws(labels, 4, per_class=True, draws=1)
+    with pytest.raises(ValueError, match="the split has only 16"):
+        judge.reference_draws(labels, 17, per_class=False, draws=1)
+
+
+def test_reference_distances_scores_training_images_drawn_as_the_samples_are(tmp_path, emoji_data):
+    script = [sys.executable, str(ROOT / "train" / "reference_distances.py"), "--data", str(emoji_data)]
+    labels = load_emoji(emoji_data, "train", 16).labels
+    smallest = int(torch.unique(labels, return_counts=True)[1].min())
+    assert smallest >= 2, "the fake data needs two training images of every class"
+    out = tmp_path / "ref.json"
+    args = ["--size", "16", "--from-size", "32", "--per-class", str(smallest), "--draws", "3"]
+    r = subprocess.run(
+        [*script, *args, "--classifier-epochs", "1", "--json", str(out)], env=ENV, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["images_per_set"] == smallest * len(torch.unique(labels))
+    assert set(record["results"]) == {"natural", "balanced", "balanced, from 32 px"}
+    for kind in record["results"].values():
+        for measure, floor in (("fd", record["floors"]["fd"]), ("fd_low", record["floors"]["fd_low"])):
+            m = kind[measure]
+            assert 0 <= m["min"] <= m["mean"] <= m["max"] and m["ratio_to_floor"] == pytest.approx(m["mean"] / floor)
+    # the 32 px images area-averaged to 16 px are other pixels than the prepared 16 px ones
+    assert record["results"]["balanced, from 32 px"] != record["results"]["balanced"]
+    bad = subprocess.run(
+        [*script, "--size", "16", "--per-class", str(smallest + 1), "--from-size"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and f"a class has only {smallest}" in bad.stderr and "lower --per-class" in bad.stderr
+    bad = subprocess.run([*script, "--size", "16", "--from-size", "16"], env=ENV, capture_output=True, text=True)
+    assert bad.returncode == 2 and "must be larger than --size 16" in bad.stderr
