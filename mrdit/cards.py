@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig, ScheduleConfig
-from .judge import NEAR_COPY_QUANTILE, REPORT_FIRST_SEED, protocol_problems, wilson_interval
+from .judge import NEAR_COPY_QUANTILE, REFERENCE_DRAWS, REPORT_FIRST_SEED, protocol_problems, wilson_interval
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
 
 RUN_INFO_NAME = "run_info.json"
@@ -152,6 +152,9 @@ class Evaluation:
     fd_floor: float
     fd_low: float | None = None  # low-level Frechet distance (mrdit.judge.low_level_features); None before it
     fd_low_floor: float | None = None
+    # both distances for real training images drawn as the samples are (mrdit.judge.balanced_reference)
+    fd_reference: float | None = None
+    fd_low_reference: float | None = None
     near_copies: float | None = None  # the memorisation check (mrdit.judge.near_copies); None before it
     near_copies_reference: float | None = None
     near_copy_threshold: float | None = None
@@ -407,6 +410,15 @@ def quality_table(ev: Evaluation) -> str:
                 "low-level Frechet distance (statistics of the judge's first layer: blur, speckle, colour "
                 "noise), with its floor",
                 f"{ev.fd_low:.3f} (floor {ev.fd_low_floor:.3f}, {ev.fd_low / ev.fd_low_floor:.1f}x)",
+            )
+        )
+    if ev.fd_reference is not None and ev.fd_low_reference is not None and ev.fd_low_floor is not None:
+        rows.append(
+            (
+                f"both distances for real training images drawn as the samples are ({ev.samples_per_class} per "
+                f"class, mean of {REFERENCE_DRAWS} draws): what a model that reproduced them exactly would score",
+                f"{ev.fd_reference:.2f} ({ev.fd_reference / ev.fd_floor:.1f}x floor); low-level "
+                f"{ev.fd_low_reference:.3f} ({ev.fd_low_reference / ev.fd_low_floor:.1f}x)",
             )
         )
     rows += [

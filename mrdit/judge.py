@@ -409,6 +409,9 @@ def near_copies(
     return NearCopies(float(share), float(reference), threshold, quantile)
 
 
+REFERENCE_DRAWS = 10  # class-balanced sets of training images scored beside every measurement
+
+
 def reference_draws(labels: torch.Tensor, count: int, per_class: bool, draws: int, seed: int = 0) -> list[torch.Tensor]:
     """`draws` index sets into a split with these labels (N,), each drawn without replacement: `count`
     images of every class (`per_class`, the samples' class mix) or `count` images at random (the split's
@@ -429,3 +432,36 @@ def reference_draws(labels: torch.Tensor, count: int, per_class: bool, draws: in
         else:
             sets.append(torch.randperm(len(labels), generator=g)[:count])
     return sets
+
+
+def draws_distances(
+    clf: EmojiClassifier, x: torch.Tensor, sets: list[torch.Tensor], val_features: torch.Tensor, val_low: torch.Tensor
+) -> list[tuple[float, float]]:
+    """For each index set into images x (N, 3, S, S): its semantic and low-level Frechet distances to
+    the validation split (its judge features and first-layer statistics)."""
+    return [
+        (
+            frechet_distance(features_of(clf, x[i]), val_features),
+            frechet_distance(low_level_features(clf, x[i]), val_low),
+        )
+        for i in sets
+    ]
+
+
+def balanced_reference(
+    clf: EmojiClassifier,
+    train: TensorImageDataset,
+    per_class: int,
+    val_features: torch.Tensor,
+    val_low: torch.Tensor,
+    draws: int = REFERENCE_DRAWS,
+) -> tuple[float, float] | None:
+    """The mean semantic and low-level distances of real training images drawn as the samples are
+    (`per_class` of every class, `draws` sets): what a model that reproduced them exactly would score
+    under the protocol. None when a class has fewer than `per_class` training images."""
+    try:
+        sets = reference_draws(train.labels, per_class, True, draws)
+    except ValueError:
+        return None
+    measured = draws_distances(clf, train.batch(torch.arange(len(train)))[0], sets, val_features, val_low)
+    return sum(m[0] for m in measured) / draws, sum(m[1] for m in measured) / draws

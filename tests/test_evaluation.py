@@ -183,6 +183,14 @@ def test_card_names_the_judge_version_interval_count_and_seeds():
         assert needle in text, needle
     old = card("m", config, 1, TrainingRun(), _record(first_seed=None, samples_per_class=20))
     assert "seeds 0-19 of each class (measured before the protocol of docs/evaluation.md)" in old
+    assert "drawn as the samples are" not in text  # a record without the reference has no such row
+    ref = card(
+        "m", config, 1, TrainingRun(), _record(fd_low=0.2, fd_low_floor=0.1, fd_reference=3.0, fd_low_reference=0.15)
+    )
+    assert (
+        "| both distances for real training images drawn as the samples are (50 per class, mean of 10 draws): "
+        "what a model that reproduced them exactly would score | 3.00 (2.0x floor); low-level 0.150 (1.5x) |"
+    ) in ref
 
 
 def test_write_card_keeps_sections_added_by_hand(tmp_path, tiny_model_dir):
@@ -355,3 +363,18 @@ def test_reference_distances_scores_training_images_drawn_as_the_samples_are(tmp
     assert bad.returncode == 2 and f"a class has only {smallest}" in bad.stderr and "lower --per-class" in bad.stderr
     bad = subprocess.run([*script, "--size", "16", "--from-size", "16"], env=ENV, capture_output=True, text=True)
     assert bad.returncode == 2 and "must be larger than --size 16" in bad.stderr
+
+
+def test_the_balanced_reference_is_the_mean_over_class_balanced_draws(emoji_data):
+    train, val = load_emoji(emoji_data, "train", 16), load_emoji(emoji_data, "val", 16)
+    torch.manual_seed(0)
+    clf = judge.EmojiClassifier(len(train.class_names)).eval()  # any judge: the bookkeeping is what is tested
+    xv = val.batch(torch.arange(len(val)))[0]
+    fv, lv = judge.features_of(clf, xv), judge.low_level_features(clf, xv)
+    smallest = int(torch.unique(train.labels, return_counts=True)[1].min())
+    fd, low = judge.balanced_reference(clf, train, smallest, fv, lv, draws=3)
+    sets = judge.reference_draws(train.labels, smallest, True, 3)
+    each = judge.draws_distances(clf, train.batch(torch.arange(len(train)))[0], sets, fv, lv)
+    assert fd == pytest.approx(sum(e[0] for e in each) / 3) and low == pytest.approx(sum(e[1] for e in each) / 3)
+    assert len({round(e[0], 9) for e in each}) > 1  # the draws differ, so the mean is over real draws
+    assert judge.balanced_reference(clf, train, smallest + 1, fv, lv) is None  # too few images of a class

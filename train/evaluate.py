@@ -53,9 +53,11 @@ from mrdit.judge import (
     JUDGE_EPOCHS,
     JUDGE_RECIPE,
     RECIPES,
+    REFERENCE_DRAWS,
     REPORT_FIRST_SEED,
     REPORT_MIN_PER_CLASS,
     EmojiClassifier,
+    balanced_reference,
     classifier,
     features_of,
     frechet_distance,
@@ -260,13 +262,17 @@ class Judge:
     train_accuracy: float  # class-balanced: the score of a model that reproduced its training images
     train_per_class: dict[str, float | None]
     recipe: dict[str, str]
+    # the distances of real training images drawn as the samples are (mrdit.judge.balanced_reference);
+    # None when a class has too few training images
+    fd_reference: float | None = None
+    fd_low_reference: float | None = None
 
     @property
     def val_images(self) -> int:
         return len(self.val_features)
 
 
-def make_judge(p: argparse.ArgumentParser, data: Path, size: int, epochs: int) -> Judge:
+def make_judge(p: argparse.ArgumentParser, data: Path, size: int, epochs: int, per_class: int) -> Judge:
     try:
         clf, val_acc, val_per_class = classifier(data, size, epochs)
     except (OSError, ValueError) as e:  # no such prepared size, or no prepared data at all
@@ -289,6 +295,13 @@ def make_judge(p: argparse.ArgumentParser, data: Path, size: int, epochs: int) -
         f"would score this): {train_acc * 100:.1f}%"
     )
     counts = {name: int((val.labels == c).sum()) for c, name in enumerate(val.class_names)}
+    reference = balanced_reference(clf, train, per_class, fv, low_v) or (None, None)
+    if reference[0] is not None:
+        print(
+            f"real training images drawn as the samples are ({per_class} per class, mean of {REFERENCE_DRAWS} "
+            f"draws; what a model that reproduced them exactly would score): FD {reference[0]:.2f}, "
+            f"low-level {reference[1]:.3f}"
+        )
     return Judge(
         clf,
         size,
@@ -304,6 +317,7 @@ def make_judge(p: argparse.ArgumentParser, data: Path, size: int, epochs: int) -
         train_acc,
         train_per_class,
         recipe,
+        *reference,
     )
 
 
@@ -340,6 +354,8 @@ def evaluation_record(measured: dict, judge: Judge, command: str, hardware: str,
             "tuning": tuning,
             "fd_floor": judge.fd_floor,
             "fd_low_floor": judge.fd_low_floor,
+            "fd_reference": judge.fd_reference,
+            "fd_low_reference": judge.fd_low_reference,
             "classifier_val_accuracy": judge.val_accuracy,
             "classifier_val_images": judge.val_images,
             "classifier_val_per_class_accuracy": judge.val_per_class,
@@ -368,6 +384,11 @@ def print_results(rows: list[tuple[str, Evaluation]], judge: Judge) -> None:
             f"| {name} | {accuracy_text(r)} | {judge_accuracy_text(r)} | {r.fd:.2f} | {r.fd_low:.3f} | "
             f"{near_copies_text(r)} | {r.sec_per_image:.3f} |"
         )
+    if judge.fd_reference is not None:
+        print(
+            f"(real training images drawn as the samples are score FD {judge.fd_reference:.2f}, low-level "
+            f"{judge.fd_low_reference:.3f}: docs/evaluation.md)"
+        )
     print("\n" + per_class_table(rows, judge))
 
 
@@ -394,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sde_variant:
         use_sde_variant(args.sde_variant)
     size = judge_size(p, args.models, args.judge_size)
-    judge = make_judge(p, args.data, size, args.classifier_epochs)
+    judge = make_judge(p, args.data, size, args.classifier_epochs, args.per_class)
     command = "python train/evaluate.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )

@@ -31,20 +31,13 @@ from mrdit.data import load_emoji
 from mrdit.judge import (
     JUDGE_EPOCHS,
     classifier,
+    draws_distances,
     features_of,
     frechet_distance,
     low_level_features,
     reference_draws,
     to_size,
 )
-
-
-def distances(clf: torch.nn.Module, x: torch.Tensor, val: torch.Tensor) -> tuple[float, float]:
-    """Semantic and low-level Frechet distances of images x (B, 3, S, S) to the validation images."""
-    return (
-        frechet_distance(features_of(clf, x), features_of(clf, val)),
-        frechet_distance(low_level_features(clf, x), low_level_features(clf, val)),
-    )
 
 
 def summary(values: list[float], floor: float) -> dict[str, float]:
@@ -79,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         p.error(f"cannot read the judge or the data: {e}")
     x_train, x_val = train.batch(torch.arange(len(train)))[0], val.batch(torch.arange(len(val)))[0]
-    floors = distances(clf, x_train, x_val)
+    val_features, val_low = features_of(clf, x_val), low_level_features(clf, x_val)
+    floors = (
+        frechet_distance(features_of(clf, x_train), val_features),
+        frechet_distance(low_level_features(clf, x_train), val_low),
+    )
     count = args.per_class * len(torch.unique(train.labels))  # classes with training images
     try:
         kinds = {
@@ -94,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         sources[f"balanced, from {s} px"] = to_size(data.batch(torch.arange(len(data)))[0], args.size)
     results = {}
     for kind, sets in tqdm(kinds.items(), desc="reference sets", unit="kind"):
-        measured = [distances(clf, sources[kind][idx], x_val) for idx in sets]
+        measured = draws_distances(clf, sources[kind], sets, val_features, val_low)
         results[kind] = {
             "fd": summary([m[0] for m in measured], floors[0]),
             "fd_low": summary([m[1] for m in measured], floors[1]),
