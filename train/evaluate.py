@@ -8,7 +8,8 @@ class are generated at the default settings and at held-out seeds (from 10,000; 
 tuning), and the script reports (a) the judge's accuracy on the samples with its 95% interval and
 sample count, beside the judge's own accuracy on the real validation split, overall and per class,
 (b) the Frechet distance between judge features of the samples and of the validation split, next to
-the same distance between the training and validation splits (the floor), (c) the memorisation check:
+the same distance between the training and validation splits (the floor) and for real training
+images drawn as the samples are (what a model that reproduced them exactly would score), (c) the memorisation check:
 the share of samples at least as close to a training image as the closest 5% of real validation
 images are, and (d) sampling time per image on this machine. It also scores the real training images,
 class-balanced as the samples are: what a model that reproduced them exactly would get, the ceiling
