@@ -149,6 +149,7 @@ class Evaluation:
     guidance_schedule: str = "constant"
     guidance_power: float = 1.0
     eta: float | None = None  # the sampler's own default when None
+    branch_guidance: tuple[float, ...] | None = None  # per-branch guidance weights (measurement only)
     fd_floor: float
     fd_low: float | None = None  # low-level Frechet distance (mrdit.judge.low_level_features); None before it
     fd_low_floor: float | None = None

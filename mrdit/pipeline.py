@@ -26,7 +26,7 @@ from .classes import ClassIndex, ClassLookupError, read_synonyms
 from .compiled import FastForward
 from .config import ModelConfig
 from .forwards import SharedForward, TracedNetwork
-from .interventions import Intervention, check_intervention
+from .interventions import BranchGuidance, FreezeCoarse, Intervention, check_intervention
 from .preview import VAE_KIND, cached_linear_preview
 from .sampling import SamplerSettings, StepState, iterate, iterate_rows, noise_for_seeds
 from .settings import InputError, Settings
@@ -212,6 +212,7 @@ class Pipeline:
         thread of their own, OpenMP threads per network thread, the long requests' thread's priority.
         The first call's settings stay."""
         if self.shared is None:
+
             def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
                 return self.net(x, t, y)
 
@@ -380,7 +381,9 @@ class Pipeline:
         labels = torch.tensor([label for s in every for label in s.labels], device=self.device)
         guidance = [s.guidance for s in every for _ in s.seeds]
         plan = every[0]
-        opts = SamplerSettings(plan.sampler, plan.steps, plan.guidance, plan.guidance_schedule, plan.guidance_power, plan.eta)
+        opts = SamplerSettings(
+            plan.sampler, plan.steps, plan.guidance, plan.guidance_schedule, plan.guidance_power, plan.eta
+        )
         yield from iterate_rows(self.sampling_net, noise, labels, opts, guidance, gens)
 
     def to_images(self, x: torch.Tensor) -> list[Image.Image]:
@@ -398,9 +401,17 @@ class Pipeline:
         guidance_power: float = 1.0,
         eta: float | None = None,
         batch_size: int = 16,
+        intervention: BranchGuidance | FreezeCoarse | None = None,
     ) -> GenerationResult:
         """Images for a request (see `validate`), sampled and decoded `batch_size` images at a time to
-        bound memory; each image has its own seed's generator, so the batch size does not change it."""
+        bound memory; each image has its own seed's generator, so the batch size does not change it.
+        An `intervention` that acts on every row alike (per-branch guidance, a frozen coarse branch)
+        applies to each batch (see `stream`)."""
+        if intervention is not None and not isinstance(intervention, (BranchGuidance, FreezeCoarse)):
+            raise InputError(
+                f"generate takes BranchGuidance or FreezeCoarse (a swap names rows of one batch: use stream), "
+                f"got {intervention!r}"
+            )
         settings = self.validate(labels, seeds, steps, guidance, sampler, guidance_schedule, guidance_power, eta)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -413,7 +424,7 @@ class Pipeline:
             )
             t0 = time.perf_counter()
             state, trajectory = None, []
-            for state, pv in self.stream(part, previews=keep_trajectory):  # noqa: B007 - the last state is the result
+            for state, pv in self.stream(part, keep_trajectory, intervention):  # noqa: B007 - the last state is the result
                 if pv is not None:
                     trajectory.append(pv)
             assert state is not None

@@ -91,6 +91,9 @@ def test_evaluator_refuses_what_the_protocol_does_not_report(tmp_path, args, mes
     [
         (["--sde-variant", "ode-tail", "--sampler", "dpm++2m", "--tuning"], "needs --sampler dpm++2m-sde"),
         (["--sde-variant", "second-order-end"], "for measurement only: pass --tuning or --no-card"),
+        (["--branch-guidance", "4,1,1"], "--branch-guidance is for measurement only: pass --tuning or --no-card"),
+        (["--branch-guidance", "4,x,1", "--tuning"], "'4,x,1'"),
+        (["--branch-guidance", "4,-1,1", "--tuning"], "weights must be finite numbers >= 0"),
     ],
 )
 def test_sde_variants_are_for_measurement_with_the_sde_sampler(tmp_path, args, message):
@@ -378,3 +381,23 @@ def test_the_balanced_reference_is_the_mean_over_class_balanced_draws(emoji_data
     assert fd == pytest.approx(sum(e[0] for e in each) / 3) and low == pytest.approx(sum(e[1] for e in each) / 3)
     assert len({round(e[0], 9) for e in each}) > 1  # the draws differ, so the mean is over real draws
     assert judge.balanced_reference(clf, train, smallest + 1, fv, lv) is None  # too few images of a class
+
+
+def test_branch_guidance_is_measured_and_recorded(tmp_path, emoji_data):
+    from mrdit import build_model, save_model
+
+    names = tuple(c["name"] for c in json.loads((emoji_data / "classes.json").read_text())["classes"])
+    config = get_preset("tiny").replace(num_classes=len(names) + 1, null_label=len(names), class_names=names)
+    torch.manual_seed(0)
+    model = save_model(build_model(config), tmp_path / "m")
+    out = tmp_path / "tuning.json"
+    tuning = ["--tuning", "--per-class", "2", "--steps", "1", "--classifier-epochs", "1"]
+    base = [*EVALUATE, str(model), "--data", str(emoji_data), *tuning]
+    r = subprocess.run(
+        [*base, "--branch-guidance", "4,1,1", "--json", str(out)], env=ENV, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = Evaluation.from_dict(json.loads(out.read_text())["m"])
+    assert tuple(record.branch_guidance) == (4.0, 1.0, 1.0)
+    r = subprocess.run([*base, "--branch-guidance", "4,1"], env=ENV, capture_output=True, text=True)
+    assert r.returncode == 1 and "one weight per branch (3)" in r.stderr and "Traceback" not in r.stderr

@@ -11,7 +11,7 @@ from mrdit import build_model, get_preset
 from mrdit.compiled import FastForward
 from mrdit.interventions import BranchGuidance, FreezeCoarse, InterventionDenoiser, SwapCoarse, plan_swap
 from mrdit.network import step_to_tau
-from mrdit.pipeline import InputError, Pipeline
+from mrdit.pipeline import DEFAULT_SAMPLER, InputError, Pipeline
 from mrdit.sampling import SAMPLERS, iterate, noise_for_seeds, sample
 
 STEPS = 4
@@ -315,3 +315,22 @@ def _noise_labels(model, seeds, labels):
     c = model.config
     noise, _ = noise_for_seeds(seeds, (c.channels, c.image_size, c.image_size))
     return noise, torch.tensor(labels)
+
+
+def test_pipeline_generate_applies_a_row_wise_intervention_to_every_batch(model):
+    pipe = Pipeline(model, fast=True)
+    weights = BranchGuidance((3.0, 1.0, 1.0))
+    one = pipe.generate([0, 1, 2], [5, 6, 7], steps=3, intervention=weights, batch_size=1)
+    all3 = pipe.generate([0, 1, 2], [5, 6, 7], steps=3, intervention=weights, batch_size=3)
+    assert (one.arrays == all3.arrays).all()  # each image has its own generator: batching changes nothing
+    noise, gens = noise_for_seeds([5, 6, 7], (3, 16, 16))
+    labels = torch.tensor([0, 1, 2])
+    ref = sample(model, noise, labels, sampler=DEFAULT_SAMPLER, steps=3, generators=gens, intervention=weights)
+    expected = ((ref.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1)
+    assert (torch.from_numpy(one.arrays).float() - expected).abs().max() <= 1  # uint8 rounding only
+    plain = pipe.generate([0, 1, 2], [5, 6, 7], steps=3)
+    assert not (plain.arrays == one.arrays).all()
+    with pytest.raises(InputError, match="a swap names rows of one batch"):
+        pipe.generate([0, 1], [5, 6], steps=3, intervention=SwapCoarse((1, 0)))
+    with pytest.raises(InputError, match="one weight per branch"):
+        pipe.generate([0], [5], steps=3, intervention=BranchGuidance((3.0, 1.0)))

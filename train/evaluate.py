@@ -50,6 +50,7 @@ from mrdit.cards import (
 from mrdit.checkpoint import CheckpointError, read_config
 from mrdit.data import load_emoji
 from mrdit.guidance import GUIDANCE_SCHEDULES
+from mrdit.interventions import BranchGuidance
 from mrdit.judge import (
     JUDGE_EPOCHS,
     JUDGE_RECIPE,
@@ -73,6 +74,16 @@ from mrdit.judge import (
 )
 from mrdit.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, Pipeline
 from mrdit.sampling import SAMPLER_REGISTRY, SAMPLERS, SamplerSettings, sample_dpmpp_2m_sde
+from mrdit.settings import InputError
+
+
+def generate_kwargs(sampling: dict[str, Any]) -> dict[str, Any]:
+    """`Pipeline.generate`'s keywords for recorded sampling settings: per-branch guidance weights become
+    the intervention that applies them."""
+    kwargs = {k: v for k, v in sampling.items() if k != "branch_guidance"}
+    if "branch_guidance" in sampling:
+        kwargs["intervention"] = BranchGuidance(sampling["branch_guidance"])
+    return kwargs
 
 
 def draw_samples(
@@ -81,11 +92,12 @@ def draw_samples(
     """`per_class` samples of every class at seeds first_seed.. (the same seeds for each class): images
     (N, 3, S, S) in [-1, 1], their classes (N,) and the seconds spent sampling."""
     images, labels, seconds = [], [], 0.0
+    settings = generate_kwargs(sampling)
     for c in tqdm(range(len(pipe.class_names)), desc=f"sampling {name}", unit="class"):
         t0 = time.perf_counter()
         for start in range(0, per_class, 10):  # batches of 10 images, as the recorded evaluations ran
             seeds = list(range(first_seed + start, first_seed + min(start + 10, per_class)))
-            res = pipe.generate([c] * len(seeds), seeds, **sampling)
+            res = pipe.generate([c] * len(seeds), seeds, **settings)
             images.append(torch.from_numpy(res.arrays).permute(0, 3, 1, 2).float() / 127.5 - 1)
         seconds += time.perf_counter() - t0
         labels += [c] * per_class
@@ -131,7 +143,7 @@ def side_by_side(pipes: list[Pipeline], names: list[str], path: Path, sampling: 
     for pipe in pipes:
         tiles = []
         for c in range(len(pipe.class_names)):
-            res = pipe.generate([c] * seeds, list(range(seeds)), **sampling)
+            res = pipe.generate([c] * seeds, list(range(seeds)), **generate_kwargs(sampling))
             tiles += [upscale_nearest(np.asarray(im), display) for im in res.images]
         blocks.append(grid(tiles, cols=seeds, pad=pad))
     h = blocks[0].shape[0]
@@ -148,6 +160,14 @@ def side_by_side(pipes: list[Pipeline], names: list[str], path: Path, sampling: 
         draw.text((6, head + pad + c * (display + pad) + display // 2 - 8), cname, fill=(20, 20, 20), font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
+
+
+def branch_weights(text: str) -> tuple[float, ...]:
+    """'4,1,1' -> (4.0, 1.0, 1.0): per-branch guidance weights (checked against the model when it loads)."""
+    try:
+        return BranchGuidance(tuple(float(w) for w in text.split(","))).weights
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -190,6 +210,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         "t = 1/N second order. Needs --sampler dpm++2m-sde and --tuning or --no-card",
     )
     p.add_argument(
+        "--branch-guidance",
+        type=branch_weights,
+        help="per-branch guidance weights, coarse to fine, e.g. 4,1,1 (mrdit.interventions.BranchGuidance; "
+        "replaces --guidance), for measurement: needs --tuning or --no-card",
+    )
+    p.add_argument(
         "--classifier-epochs",
         type=int,
         default=JUDGE_EPOCHS,
@@ -217,6 +243,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         p.error("--sde-variant needs --sampler dpm++2m-sde")
     if args.sde_variant and not (args.tuning or args.no_card):
         p.error("--sde-variant is for measurement only: pass --tuning or --no-card (the cards keep the default)")
+    if args.branch_guidance and not (args.tuning or args.no_card):
+        p.error("--branch-guidance is for measurement only: pass --tuning or --no-card (the cards keep the default)")
     if args.classifier_epochs < 1:
         p.error("--classifier-epochs must be >= 1")
     if args.judge_size is not None and args.judge_size < 1:
@@ -338,13 +366,17 @@ def use_sde_variant(name: str) -> None:
 
 def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword settings of `Pipeline.generate` every model is sampled with."""
-    return {
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "sampler": args.sampler,
-        "guidance_schedule": args.guidance_schedule,
-        "guidance_power": args.guidance_power,
-    } | ({} if args.eta is None else {"eta": args.eta})
+    return (
+        {
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "sampler": args.sampler,
+            "guidance_schedule": args.guidance_schedule,
+            "guidance_power": args.guidance_power,
+        }
+        | ({} if args.eta is None else {"eta": args.eta})
+        | ({"branch_guidance": args.branch_guidance} if args.branch_guidance else {})
+    )
 
 
 def evaluation_record(measured: dict, judge: Judge, command: str, hardware: str, tuning: bool) -> Evaluation:
@@ -424,7 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     sampling = sampling_settings(args)
     rows = []
     for m in args.models:
-        measured = evaluate(m, judge, args.per_class, args.first_seed, sampling)
+        try:
+            measured = evaluate(m, judge, args.per_class, args.first_seed, sampling)
+        except InputError as e:  # settings this model cannot take (per-branch weights for other branches)
+            raise SystemExit(f"error: {m}: {e}") from None
         r = evaluation_record(measured, judge, command, hardware, args.tuning)
         rows.append((m.name, r))
         if not (args.no_card or args.tuning):
