@@ -1139,10 +1139,10 @@ the fine detail in the last few steps."""
 
 FINDINGS = """**What the measure shows** (`mrdit-emoji-32`, 192 images, default settings:
 `docs/coarse-to-fine.md`). The 8x8 layout of the estimate is within 10% of the final image's from
-step 15 of 25 (median), the finer bands only from steps 23 and 24: coarse to fine (the previous 64 px weights:
-16, 23, 24, 24). In the first three steps 29-63% of what a finer branch adds is detail its coarser
-neighbour cannot hold (the rest changes the layout); at step 12 it is 94-95% (the previous 64 px
-weights' finest branch: 82%), and 98-100% from step 23 on."""
+step 15 of 25 (median), the finer bands only from steps 23 and 24: coarse to fine (the 64 px model:
+15, 23, 24, 24). In the first three steps 29-63% of what a finer branch adds is detail its coarser
+neighbour cannot hold (the rest changes the layout); at step 12 it is 94-95% (the 64 px model's
+finest branch: 83%), and 98-100% from step 23 on."""
 
 EXPLAIN = """**Reading the panels.** *x_t* is the current noisy image the sampler holds. A *branch* is one
 resolution of the network; its panel is that branch's estimate of the finished image (its noise
