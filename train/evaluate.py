@@ -170,7 +170,7 @@ def branch_weights(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -232,6 +232,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     p.add_argument("--no-card", action="store_true", help="do not write eval.json / update the model cards")
     p.add_argument("--json", type=Path, help="also write every model's record here (JSON; tuning ones too)")
     p.add_argument("--figure", type=Path, help="also write a side-by-side figure of the models at the same seeds (PNG)")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The command line, checked: settings the sampler or the protocol refuses end in a usage error."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.per_class < 1:
         p.error("--per-class must be >= 1")
